@@ -1,0 +1,284 @@
+"""Task sources and the prompt DataModule.
+
+Two kinds of source, both turned into :class:`~components.types.Prompt` s with stable uids:
+
+- ``ReasoningGymTask``: a reasoning-gym generator (name, its config, a weight in the mix, a tag
+  naming the difficulty slice). The task's own ``score_answer`` is its verifier.
+- ``FileTask``: a JSONL file or a Hugging Face ``datasets`` folder / parquet file with ``prompt``,
+  ``answer`` and optionally ``reference`` fields; verified by math-verify or exact match.
+
+The training stream draws batches of prompts from the pool with its own seeded generator; the
+generator's state is part of the DataModule's ``state_dict`` so a resumed run continues the same
+stream. Samplers that need more prompts than one batch (DAPO dynamic sampling) call
+:meth:`PromptDataModule.draw`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from components.errors import ConfigError
+from components.types import Prompt, stable_uid
+
+Verifier = Callable[[str, Prompt], float]
+
+
+@dataclass
+class ReasoningGymTask:
+    """One reasoning-gym generator in the task mix.
+
+    ``prompt_template`` formats the item into the bare prompt; ``{question}`` is reasoning-gym's
+    own question, and item fields such as ``{metadata[expression]}`` are available too.
+    """
+
+    name: str
+    config: dict = field(default_factory=dict)
+    weight: float = 1.0
+    tag: str = ""
+    prompt_template: str = "{question}"
+
+
+@dataclass
+class FileTask:
+    """A JSONL file, parquet file or ``datasets`` folder of (prompt, answer[, reference]) records."""
+
+    path: str
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+    reference_field: str | None = "reference"
+    verifier: str = "math"  # "math" (math-verify) or "exact"
+    weight: float = 1.0
+    tag: str = ""
+    heldout_fraction: float = 0.1
+
+
+def _rg_items(task: ReasoningGymTask, seed: int, size: int) -> tuple[list[dict], Any]:
+    import reasoning_gym
+
+    try:
+        ds = reasoning_gym.create_dataset(task.name, seed=seed, size=size, **task.config)
+    except Exception as e:  # reasoning-gym raises KeyError / AssertionError / TypeError variously
+        raise ConfigError(f"data.tasks[{task.name}]", f"reasoning-gym could not build it: {e}") from e
+    return [ds[i] for i in range(size)], ds
+
+
+def _exact_verifier(output: str, prompt: Prompt) -> float:
+    return float(output.strip() == prompt.answer.strip())
+
+
+def _math_verifier(output: str, prompt: Prompt) -> float:
+    from math_verify import parse, verify
+
+    # Timeouts use signal.alarm, which fails outside the main thread: switch them off.
+    gold = parse(prompt.answer, parsing_timeout=None)
+    pred = parse(output, parsing_timeout=None)
+    return float(verify(gold, pred, timeout_seconds=None))
+
+
+def _read_records(path: str) -> list[dict]:
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError("data.files.path", f"{path!r} does not exist")
+    if p.suffix in (".jsonl", ".json"):
+        with p.open() as f:
+            return [json.loads(line) for line in f if line.strip()]
+    import datasets  # optional: only for parquet files and saved datasets folders
+
+    ds = datasets.load_from_disk(str(p)) if p.is_dir() else datasets.load_dataset("parquet", data_files=str(p))["train"]
+    return [dict(r) for r in ds]
+
+
+def default_tasks() -> list[ReasoningGymTask]:
+    """The embedded default mix: two-term sums and differences with 1, 2 or 3 digits.
+
+    The shipped tiny model was warm-started on 1- and 2-digit items only, so the mix has a slice it
+    nearly always solves (1 digit), a learnable slice (2 digits, most of the pool) and a slice it
+    never solves (3 digits): the realistic mix of degenerate and mixed groups.
+    """
+    return [
+        ReasoningGymTask("chain_sum", dict(min_terms=2, max_terms=2, min_digits=d, max_digits=d), w, f"d{d}",
+                         "{metadata[expression]} =")
+        for d, w in ((1, 1.0), (2, 3.0), (3, 1.0))
+    ]
+
+
+class PromptPool:
+    """A fixed list of prompts, sampled with replacement by weight."""
+
+    def __init__(self, prompts: list[Prompt], weights: list[float]) -> None:
+        self.prompts = prompts
+        self.weights = torch.tensor(weights, dtype=torch.double)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def draw(self, k: int, generator: torch.Generator) -> list[Prompt]:
+        idx = torch.multinomial(self.weights, k, replacement=True, generator=generator)
+        return [self.prompts[i] for i in idx.tolist()]
+
+
+class _PromptStream(IterableDataset):
+    """Endless batches of prompts; the length of training is set by the Trainer's ``max_steps``."""
+
+    def __init__(self, dm: PromptDataModule) -> None:
+        self.dm = dm
+
+    def __iter__(self) -> Iterator[list[Prompt]]:
+        while True:
+            yield self.dm.draw(self.dm.batch_size)
+
+
+class PromptDataModule(L.LightningDataModule):
+    """Train and held-out prompts from reasoning-gym generators and/or files.
+
+    Args:
+        tasks: reasoning-gym generators in the mix (weights set their share of the pool); left
+            unset (and no files), the embedded default mix of :func:`default_tasks`.
+        files: JSONL / parquet / ``datasets`` sources.
+        batch_size: prompts per training step (samplers may draw more, see ``draw``).
+        train_size: prompts in the training pool (a fixed pool, so prompts are revisited and
+            per-prompt statistics mean something).
+        heldout_size: held-out prompts for evaluation, generated with a different seed. Items not
+            in the training pool come first; only a task whose item space is too small to avoid
+            overlap (1-digit sums) fills its share with training items.
+        seed: seeds the pool and the training stream.
+    """
+
+    def __init__(
+        self,
+        tasks: list[ReasoningGymTask] | None = None,
+        files: list[FileTask] | None = None,
+        batch_size: int = 32,
+        train_size: int = 2000,
+        heldout_size: int = 300,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.tasks = list(tasks) if tasks is not None else ([] if files else default_tasks())
+        self.files = list(files or [])
+        if not self.tasks and not self.files:
+            raise ConfigError("data.tasks", "no task source given: set data.tasks and/or data.files")
+        if batch_size < 1:
+            raise ConfigError("data.batch_size", f"must be >= 1, got {batch_size}")
+        for t in [*self.tasks, *self.files]:
+            if not (t.weight > 0 and math.isfinite(t.weight)):
+                raise ConfigError("data.tasks.weight", f"must be a positive number, got {t.weight}")
+        self.batch_size = batch_size
+        self.train_size = train_size
+        self.heldout_size = heldout_size
+        self.seed = seed
+        self.verifiers: dict[str, Verifier] = {}
+        self.train_pool: PromptPool | None = None
+        self.heldout: list[Prompt] = []
+        self.generator = torch.Generator().manual_seed(seed)
+        self._rank_offset = 0
+
+    # ---- building the pools -------------------------------------------------------------------
+    def _shares(self, total: int) -> list[int]:
+        ws = [t.weight for t in [*self.tasks, *self.files]]
+        raw = [total * w / sum(ws) for w in ws]
+        n = [int(math.floor(x)) for x in raw]
+        for i in sorted(range(len(raw)), key=lambda i: raw[i] - n[i], reverse=True)[: total - sum(n)]:
+            n[i] += 1
+        return n
+
+    def _rg_prompts(self, task: ReasoningGymTask, i: int, seed: int, size: int) -> list[Prompt]:
+        key = f"rg:{task.name}:{i}"
+        items, ds = _rg_items(task, seed, size)
+        self.verifiers[key] = lambda out, p, _ds=ds: float(_ds.score_answer(out, p.entry))
+        out = []
+        for it in items:
+            try:
+                text = task.prompt_template.format(**it)
+            except (KeyError, IndexError) as e:
+                raise ConfigError("data.tasks.prompt_template", f"{task.prompt_template!r} names a missing field {e}") from e
+            ref = (it.get("metadata") or {}).get("answer_cot")
+            item_key = [task.name, task.config, it["question"], str(it["answer"])]
+            out.append(Prompt(stable_uid(key, item_key), key, text, str(it["answer"]), dict(it), task.tag or task.name, ref))
+        return out
+
+    def _file_prompts(self, ft: FileTask, i: int) -> tuple[list[Prompt], list[Prompt]]:
+        key = f"file:{Path(ft.path).name}:{i}"
+        if ft.verifier not in ("math", "exact"):
+            raise ConfigError("data.files.verifier", f"{ft.verifier!r} is not one of 'math', 'exact'")
+        self.verifiers[key] = _math_verifier if ft.verifier == "math" else _exact_verifier
+        prompts = []
+        for j, rec in enumerate(_read_records(ft.path)):
+            for fld in (ft.prompt_field, ft.answer_field):
+                if fld not in rec:
+                    raise ConfigError("data.files.prompt_field", f"record {j} of {ft.path} has no field {fld!r}")
+            ref = rec.get(ft.reference_field) if ft.reference_field else None
+            prompts.append(Prompt(stable_uid(key, [rec[ft.prompt_field], str(rec[ft.answer_field])]), key,
+                                  rec[ft.prompt_field], str(rec[ft.answer_field]), rec, ft.tag or Path(ft.path).stem, ref))
+        n_held = int(round(len(prompts) * ft.heldout_fraction))
+        g = torch.Generator().manual_seed(self.seed)
+        order = torch.randperm(len(prompts), generator=g).tolist()
+        return [prompts[k] for k in order[n_held:]], [prompts[k] for k in order[:n_held]]
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_pool is not None:
+            return
+        train: list[Prompt] = []
+        weights: list[float] = []
+        held: list[Prompt] = []
+        train_n = self._shares(self.train_size)
+        held_n = self._shares(self.heldout_size)
+        for i, task in enumerate(self.tasks):
+            ps = self._rg_prompts(task, i, self.seed * 1000 + i, train_n[i])
+            seen = {p.text for p in ps}
+            # Held-out items from another seed, minus anything already in the training pool.
+            cand = self._rg_prompts(task, i, 10_000_019 + self.seed * 1000 + i, held_n[i] * 2 + 16)
+            # Small item spaces (1-digit sums have 200 items) cannot avoid overlap: fill from it last.
+            fresh = [p for p in cand if p.text not in seen]
+            held += (fresh + [p for p in cand if p.text in seen])[: held_n[i]]
+            train += ps
+            weights += [task.weight / max(len(ps), 1)] * len(ps)
+        for j, ft in enumerate(self.files):
+            tr, he = self._file_prompts(ft, len(self.tasks) + j)
+            train += tr
+            held += he
+            weights += [ft.weight / max(len(tr), 1)] * len(tr)
+        if not train:
+            raise ConfigError("data", "the training pool is empty: check data.tasks sizes and data.files contents")
+        self.train_pool = PromptPool(train, weights)
+        self.heldout = held
+        # Each data-parallel rank draws its own prompts.
+        if self.trainer is not None and self.trainer.world_size > 1:
+            self.generator.manual_seed(self.seed + 7919 * self.trainer.global_rank)
+
+    # ---- serving prompts ---------------------------------------------------------------------
+    def draw(self, k: int) -> list[Prompt]:
+        """``k`` more training prompts from the stream (used for batches and for refills)."""
+        if self.train_pool is None:
+            self.setup("fit")
+        return self.train_pool.draw(k, self.generator)
+
+    def verifier(self, prompt: Prompt) -> Verifier:
+        return self.verifiers[prompt.task]
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(_PromptStream(self), batch_size=None, collate_fn=_identity, num_workers=0)
+
+    def val_dataloader(self) -> DataLoader:
+        if not self.heldout:
+            raise ConfigError("data.heldout_size", "the held-out split is empty; set data.heldout_size > 0")
+        return DataLoader(self.heldout, batch_size=256, collate_fn=_identity, num_workers=0)
+
+    # ---- checkpointed state ------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+
+
+def _identity(x: Any) -> Any:
+    return x

