@@ -10,7 +10,7 @@ Conventions, chosen and tested here:
   compare with); verl instead uses mean 0 / std 1 (A = r). A supplied baseline still applies.
 - ``std="population"`` (divide by N) is the default, as in SAGE and the analytic formulas;
   ``std="unbiased"`` (N - 1) matches verl's ``torch.std``. They differ by sqrt(2) at G = 2.
-- all-equal rewards give exactly 0 and never NaN (``eps`` guards the division).
+- all-equal rewards give exactly 0 and never NaN: a zero-spread group is not divided by its std.
 """
 
 from __future__ import annotations
@@ -79,7 +79,8 @@ def grpo_advantage(
 ) -> torch.Tensor:
     """GRPO: ``(r - mean_g) / (std_g + eps)``. Size-1 groups without a baseline get 0."""
     mean, sd, n = group_mean_std(rewards, group, std)
-    adv = (rewards.double() - _baseline(mean, baseline, group)) / (sd + eps)
+    # A group with zero spread is not divided at all (no 0/0, and no blow-up of a supplied baseline).
+    adv = (rewards.double() - _baseline(mean, baseline, group)) / torch.where(sd > 0, sd + eps, torch.ones_like(sd))
     if baseline is None:
         adv = torch.where(n > 1, adv, torch.zeros_like(adv))
     return adv.float()

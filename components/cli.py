@@ -95,21 +95,51 @@ class CurateCLI(LightningCLI):
         return self.parser._subcommands_action._name_parser_map[self.subcommand]
 
 
+def build_cli(args: list[str] | None = None, run: bool = True) -> CurateCLI:
+    """The CLI object (``run=False`` only parses and instantiates: used by tests and scripts)."""
+    return CurateCLI(
+        PolicyModule,
+        PromptDataModule,
+        trainer_defaults=TRAINER_DEFAULTS,
+        save_config_callback=None,
+        auto_configure_optimizers=False,
+        parser_kwargs={"exit_on_error": False},
+        seed_everything_default=0,
+        args=args,
+        run=run,
+    )
+
+
+def _valid_components(msg: str) -> str:
+    """For an unknown component, list the classes that would be valid in that slot."""
+    import importlib
+    import pkgutil
+
+    import components.samplers
+    from components.engine import RolloutEngine
+    from components.rewards import Reward
+    from components.samplers.base import Sampler
+
+    for mod in pkgutil.iter_modules(components.samplers.__path__):
+        importlib.import_module(f"components.samplers.{mod.name}")
+    for key, base in (("model.sampler", Sampler), ("model.engine", RolloutEngine), ("model.reward", Reward)):
+        if f'"{key}"' in msg:
+            found, todo = [], list(base.__subclasses__())
+            while todo:
+                cls = todo.pop()
+                todo += cls.__subclasses__()
+                if not getattr(cls, "__abstractmethods__", None) and not cls.__name__.startswith("LazyInstance_"):
+                    found.append(f"{cls.__module__}.{cls.__qualname__}")
+            return f" (valid for {key}: {', '.join(sorted(found))})"
+    return ""
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``curate-rl``; exits with a one-line message on a bad configuration."""
     try:
-        CurateCLI(
-            PolicyModule,
-            PromptDataModule,
-            trainer_defaults=TRAINER_DEFAULTS,
-            save_config_callback=None,
-            auto_configure_optimizers=False,
-            parser_kwargs={"exit_on_error": False},
-            seed_everything_default=0,
-            args=args,
-        )
+        build_cli(args)
     except (ArgumentError, ConfigError) as e:
-        msg = " ".join(str(e).split())
+        msg = " ".join(str(e).split()) + _valid_components(str(e))
         print(f"curate-rl: config error: {msg}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -1,0 +1,89 @@
+"""Policy loss and aggregation against hand-computed cases; ratio 1 gives the REINFORCE gradient."""
+
+import pytest
+import torch
+
+from components.errors import ConfigError
+from components.losses import AGGREGATIONS, get_aggregation, kl_k3, ppo_clip_loss, token_logprobs_and_entropy
+
+X = torch.tensor([[1.0, 2.0, 3.0, 0.0], [4.0, 0.0, 0.0, 0.0]])
+M = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+
+
+def test_token_mean():
+    assert AGGREGATIONS["token-mean"](X, M).item() == pytest.approx(10 / 4)
+
+
+def test_seq_mean_token_mean():
+    assert AGGREGATIONS["seq-mean-token-mean"](X, M).item() == pytest.approx((2 + 4) / 2)
+
+
+def test_seq_mean_token_sum_norm_uses_constant():
+    assert AGGREGATIONS["seq-mean-token-sum-norm"](X, M, norm_len=8).item() == pytest.approx((6 / 8 + 4 / 8) / 2)
+    assert AGGREGATIONS["seq-mean-token-sum-norm"](X, M).item() == pytest.approx((6 / 4 + 4 / 4) / 2)
+
+
+def test_unknown_aggregation_names_field():
+    with pytest.raises(ConfigError, match="model.loss.agg"):
+        get_aggregation("mean")
+
+
+def _loss(ratio: float, adv: float, **kw) -> float:
+    logp = torch.tensor([[float(torch.log(torch.tensor(ratio)))]])
+    loss, _ = ppo_clip_loss(logp, torch.zeros(1, 1), torch.tensor([[adv]]), torch.ones(1, 1), **kw)
+    return loss.item()
+
+
+def test_clip_symmetric_and_clip_higher():
+    # positive advantage: gain capped at 1 + eps_high
+    assert _loss(1.5, 1.0, clip_low=0.2, clip_high=0.2) == pytest.approx(-1.2)
+    assert _loss(1.5, 1.0, clip_low=0.2, clip_high=0.28) == pytest.approx(-1.28)
+    assert _loss(1.1, 1.0, clip_low=0.2, clip_high=0.28) == pytest.approx(-1.1)
+    # negative advantage: ratio below 1 - eps_low is clipped (pessimistic max)
+    assert _loss(0.5, -1.0, clip_low=0.2, clip_high=0.28) == pytest.approx(0.8)
+    # negative advantage with a huge ratio is not clipped without dual clip
+    assert _loss(5.0, -1.0, clip_low=0.2, clip_high=0.2) == pytest.approx(5.0)
+
+
+def test_dual_clip_caps_negative_advantage_loss():
+    assert _loss(5.0, -1.0, clip_low=0.2, clip_high=0.2, dual_clip=3.0) == pytest.approx(3.0)
+    assert _loss(2.0, -1.0, clip_low=0.2, clip_high=0.2, dual_clip=3.0) == pytest.approx(2.0)
+    # positive advantages are unaffected by the dual clip
+    assert _loss(5.0, 1.0, clip_low=0.2, clip_high=0.2, dual_clip=3.0) == pytest.approx(-1.2)
+
+
+def test_clip_indicator():
+    logp = torch.log(torch.tensor([[1.5, 1.0]]))
+    _, info = ppo_clip_loss(logp, torch.zeros(1, 2), torch.ones(1, 2), torch.ones(1, 2))
+    assert info["clipped"].tolist() == [[1.0, 0.0]]
+
+
+@pytest.mark.parametrize("agg", sorted(AGGREGATIONS))
+def test_ratio_one_gradient_equals_reinforce(agg):
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 7, requires_grad=True)
+    targets = torch.randint(0, 7, (3, 5))
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.float)
+    adv = torch.tensor([[0.5], [-1.0], [2.0]]).expand(3, 5) * mask
+    logp, _ = token_logprobs_and_entropy(logits, targets)
+    loss, _ = ppo_clip_loss(logp, logp.detach(), adv, mask, clip_low=0.2, clip_high=0.28, dual_clip=3.0)
+    (g_ppo,) = torch.autograd.grad(AGGREGATIONS[agg](loss, mask, norm_len=5), logits)
+    logp2, _ = token_logprobs_and_entropy(logits, targets)
+    reinforce = AGGREGATIONS[agg](-adv * logp2, mask, norm_len=5)
+    (g_rf,) = torch.autograd.grad(reinforce, logits)
+    assert torch.allclose(g_ppo, g_rf, atol=1e-6)
+    assert g_rf.abs().sum() > 0
+
+
+def test_kl_k3_zero_at_equal_and_positive_otherwise():
+    a = torch.tensor([-1.0, -2.0])
+    assert torch.allclose(kl_k3(a, a), torch.zeros(2))
+    assert (kl_k3(a, a + 0.3) > 0).all()
+
+
+def test_temperature_scales_logprobs():
+    logits = torch.tensor([[[2.0, 0.0]]])
+    lp1, _ = token_logprobs_and_entropy(logits, torch.tensor([[0]]), 1.0)
+    lp2, _ = token_logprobs_and_entropy(logits, torch.tensor([[0]]), 2.0)
+    assert lp2.item() == pytest.approx(torch.log_softmax(torch.tensor([1.0, 0.0]), 0)[0].item())
+    assert lp1.item() > lp2.item()  # a sharper distribution puts more mass on the argmax
