@@ -15,7 +15,8 @@ Conventions, chosen and tested here:
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from jsonargparse import ArgumentError
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from components.data import PromptDataModule
@@ -60,12 +60,19 @@ class CurateCLI(LightningCLI):
     """
 
     def add_arguments_to_parser(self, parser) -> None:
-        # Always-on callbacks as their own config groups (``checkpoint:``, ``progress_bar:``), so
-        # recipes can tune them without restating the whole ``trainer.callbacks`` list.
+        # Checkpointing as its own config group (``checkpoint:``), so recipes can tune it without
+        # restating the whole ``trainer.callbacks`` list.
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.dirpath": "checkpoints", "checkpoint.every_n_train_steps": 50,
                              "checkpoint.save_last": True, "checkpoint.save_top_k": -1})
-        parser.add_lightning_class_args(RichProgressBar, "progress_bar")
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
+        # The Rich progress bar (reward, held-out pass rate, gate-open fraction) unless the user
+        # disabled the bar or chose another one.
+        given = [*callbacks, *(config.get("callbacks") or [])]
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in given):
+            callbacks = [*callbacks, RichProgressBar()]
+        return super()._instantiate_trainer(config, callbacks)
 
     def before_fit(self) -> None:
         logger = self.trainer.logger

@@ -6,7 +6,7 @@ mix of groups. Losses are returned as quantities to *minimise*.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
