@@ -74,6 +74,16 @@ class CurateCLI(LightningCLI):
             callbacks = [*callbacks, RichProgressBar()]
         return super()._instantiate_trainer(config, callbacks)
 
+    def before_instantiate_classes(self) -> None:
+        # MLflow caches stores by URI: a relative ``sqlite:///mlflow.db`` would keep pointing at the
+        # first working directory's file in a long-lived process. Pin it to the current directory.
+        cfg = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        logger = cfg.get("trainer", {}).get("logger")
+        args = getattr(logger, "init_args", None)
+        uri = getattr(args, "tracking_uri", None) if args is not None else None
+        if isinstance(uri, str) and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            args.tracking_uri = "sqlite:///" + str(Path(uri[len("sqlite:///") :]).resolve())
+
     def before_fit(self) -> None:
         logger = self.trainer.logger
         if logger is None or not hasattr(logger, "run_id") or not self.trainer.is_global_zero:

@@ -497,8 +497,16 @@ class PolicyModule(L.LightningModule):
                 lg.log_metrics(res, step=0)
 
     def on_train_end(self) -> None:
-        if self.export_dir and self.trainer.is_global_zero:
-            self.policy.save_pretrained(self.export_dir)
+        if not self.export_dir:
+            return
+        state = None
+        if self.trainer.world_size > 1 and torch.distributed.is_initialized():
+            # Sharded (FSDP2) parameters: gather full tensors on every rank (a collective), save on rank 0.
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            state = get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.trainer.is_global_zero:
+            self.policy.save_pretrained(self.export_dir, state_dict=state)
             self.tokenizer.save_pretrained(self.export_dir)
 
     # ---- checkpointed state -------------------------------------------------------------------
