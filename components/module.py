@@ -269,6 +269,8 @@ class PolicyModule(L.LightningModule):
                 cb.on_advantages(batch, self)
             self.update(batch)
             self.engine.sync_weights(self.policy)
+        else:
+            self._empty_step()
         self._step_metrics["time/update_s"] = time.perf_counter() - t_update
         self._log_step(groups, batch)
         if self.log_completions_every_n_steps and self.global_step % self.log_completions_every_n_steps == 0:
@@ -349,24 +351,40 @@ class PolicyModule(L.LightningModule):
         tokens_all, seqs_all = mask_all.sum().clamp(min=1), (mask_all.sum(-1) > 0).sum().clamp(min=1)
         norm_len = lc.norm_len or self.sampling.max_new_tokens
         stats: dict[str, list[float]] = defaultdict(list)
+        minibatches = []
         for _epoch in range(self.ppo_epochs):
             perm = active[torch.randperm(len(active))] if reuse else active
-            for mb in perm.tensor_split(self.num_minibatches):
-                if len(mb) == 0:
-                    continue
-                # Aggregation is over the whole mini-batch (all rows, zero-advantage ones included).
-                mb_all = torch.arange(batch.size) if not reuse else mb
-                tok_den = mask_all[mb_all].sum().clamp(min=1) if reuse else tokens_all
-                seq_den = (mask_all[mb_all].sum(-1) > 0).sum().clamp(min=1) if reuse else seqs_all
-                opt.zero_grad()
-                for rows in mb.split(self.micro_batch_rows):
-                    loss = self._micro_loss(batch, rows, tok_den, seq_den, norm_len, stats)
-                    self.manual_backward(loss)
-                if self.grad_clip:
-                    self.clip_gradients(opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
+            minibatches += [mb for mb in perm.tensor_split(self.num_minibatches) if len(mb)]
+        if not minibatches:
+            self._empty_step()
+        for update, mb in enumerate(minibatches, start=1):
+            # The aggregate's denominator: the whole batch for a single update (rows skipped for a
+            # zero advantage still count, as they would in the loss), else this mini-batch.
+            tok_den = mask_all[mb].sum().clamp(min=1) if reuse else tokens_all
+            seq_den = (mask_all[mb].sum(-1) > 0).sum().clamp(min=1) if reuse else seqs_all
+            opt.zero_grad()
+            for rows in mb.split(self.micro_batch_rows):
+                loss = self._micro_loss(batch, rows, tok_den, seq_den, norm_len, stats)
+                self.manual_backward(loss)
+            if self.grad_clip:
+                self.clip_gradients(opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
+            if update == len(minibatches):
                 opt.step()
+            else:
+                # Lightning counts every LightningOptimizer.step as a global step. One generation
+                # batch is one step here (max_steps, checkpoint and sampler schedules count
+                # generation steps), so the earlier updates go straight through the strategy
+                # (which still applies the precision plugin, e.g. a grad scaler).
+                self.trainer.strategy.optimizer_step(opt.optimizer, closure=_no_closure, model=self)
         for k, v in stats.items():
             self._step_metrics[k] = sum(v) / len(v)
+
+    def _empty_step(self) -> None:
+        """No group reached the loss: take a no-op optimizer step (no gradients) so that the step
+        still counts as one global step and ``max_steps`` is reached."""
+        opt = self.optimizers()
+        opt.zero_grad(set_to_none=True)
+        opt.step()
 
     def _micro_loss(self, batch: TokenBatch, rows: torch.Tensor, tok_den: torch.Tensor, seq_den: torch.Tensor,
                     norm_len: int, stats: dict[str, list[float]]) -> torch.Tensor:
@@ -522,6 +540,11 @@ class PolicyModule(L.LightningModule):
         self.sampler.load_state_dict(state.get("sampler", {}))
         self.prompt_history = {k: list(v) for k, v in state.get("prompt_history", {}).items()}
         self.cumulative = defaultdict(float, state.get("cumulative", {}))
+
+
+def _no_closure() -> None:
+    """Gradients were already computed with ``manual_backward``."""
+    return None
 
 
 class _SamplerView:

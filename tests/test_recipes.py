@@ -121,3 +121,29 @@ def test_resume_continues_at_the_right_step(tmp_path, monkeypatch):
     # cumulative budget and per-prompt history were restored, then grew by exactly two steps
     assert second.model.cumulative["rollouts"] == pytest.approx(4 * per_step)
     assert sum(n for n, _ in second.model.prompt_history.values()) == 2 * hist_total
+
+
+def test_ppo_epochs_minibatches_and_kl_are_real(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = build_cli(["fit", "--config", str(ROOT / "recipes" / "grpo.yaml"), *SMALL, "--trainer.max_steps", "2",
+                     "--model.ppo_epochs", "2", "--model.num_minibatches", "2", "--model.loss.kl_coef", "0.1",
+                     "--model.loss.entropy_coef", "0.01", "--model.micro_batch_rows", "5", "--model.optimizer.init_args.lr", "1e-3"])
+    assert cli.trainer.global_step == 2
+    m = _metrics(tmp_path / "mlflow.db")
+    # old log-probs were kept: after the first mini-batch update the ratio moves away from 1
+    assert any(abs(v - 1) > 1e-4 for v in m["policy/ratio_mean"])
+    # the frozen reference differs from the policy after the first step
+    assert m["loss/kl"][-1] > 0
+    assert cli.model.ref_policy is not None
+
+
+def test_step_with_no_group_in_the_loss_still_counts_and_changes_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    before = {k: v.clone() for k, v in load_policy("embedded:tiny")[0].state_dict().items()}
+    cli = build_cli(["fit", "--config", str(ROOT / "recipes" / "grpo.yaml"), *SMALL, "--trainer.max_steps", "2",
+                     "--trainer.callbacks+=components.callbacks.base.ZeroVarianceFilter", "--trainer.callbacks.min_std", "10"])
+    assert cli.trainer.global_step == 2
+    after = cli.model.policy.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    m = _metrics(tmp_path / "mlflow.db")
+    assert m["filter/dropped_frac"] == [1.0, 1.0] and m["budget/rollouts_in_loss"] == [0.0, 0.0]
