@@ -40,7 +40,9 @@ def get_advantage(name: str) -> AdvantageFn:
     return ADVANTAGES[name]
 
 
-def group_stats(values: torch.Tensor, group: torch.Tensor, num_groups: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def group_stats(
+    values: torch.Tensor, group: torch.Tensor, num_groups: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-group (count, sum, sum of squares), by scatter-add over the group index."""
     g = int(group.max().item()) + 1 if num_groups is None else num_groups
     v = values.double()
@@ -88,7 +90,9 @@ def grpo_advantage(
 
 
 @register_advantage("dr_grpo")
-def dr_grpo_advantage(rewards: torch.Tensor, group: torch.Tensor, baseline: torch.Tensor | None = None, **_: object) -> torch.Tensor:
+def dr_grpo_advantage(
+    rewards: torch.Tensor, group: torch.Tensor, baseline: torch.Tensor | None = None, **_: object
+) -> torch.Tensor:
     """Dr. GRPO: ``r - mean_g`` (no std division, which up-weights near-degenerate groups)."""
     mean, _sd, n = group_mean_std(rewards, group)
     adv = rewards.double() - _baseline(mean, baseline, group)

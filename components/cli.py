@@ -63,8 +63,14 @@ class CurateCLI(LightningCLI):
         # Checkpointing as its own config group (``checkpoint:``), so recipes can tune it without
         # restating the whole ``trainer.callbacks`` list.
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.dirpath": "checkpoints", "checkpoint.every_n_train_steps": 50,
-                             "checkpoint.save_last": True, "checkpoint.save_top_k": -1})
+        parser.set_defaults(
+            {
+                "checkpoint.dirpath": "checkpoints",
+                "checkpoint.every_n_train_steps": 50,
+                "checkpoint.save_last": True,
+                "checkpoint.save_top_k": -1,
+            }
+        )
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
         # The Rich progress bar (reward, held-out pass rate, gate-open fraction) unless the user

@@ -105,8 +105,9 @@ def default_tasks() -> list[ReasoningGymTask]:
     never solves (3 digits): the realistic mix of degenerate and mixed groups.
     """
     return [
-        ReasoningGymTask("chain_sum", dict(min_terms=2, max_terms=2, min_digits=d, max_digits=d), w, f"d{d}",
-                         "{metadata[expression]} =")
+        ReasoningGymTask(
+            "chain_sum", dict(min_terms=2, max_terms=2, min_digits=d, max_digits=d), w, f"d{d}", "{metadata[expression]} ="
+        )
         for d, w in ((1, 1.0), (2, 3.0), (3, 1.0))
     ]
 
@@ -217,8 +218,17 @@ class PromptDataModule(L.LightningDataModule):
                 if fld not in rec:
                     raise ConfigError("data.files.prompt_field", f"record {j} of {ft.path} has no field {fld!r}")
             ref = rec.get(ft.reference_field) if ft.reference_field else None
-            prompts.append(Prompt(stable_uid(key, [rec[ft.prompt_field], str(rec[ft.answer_field])]), key,
-                                  rec[ft.prompt_field], str(rec[ft.answer_field]), rec, ft.tag or Path(ft.path).stem, ref))
+            prompts.append(
+                Prompt(
+                    stable_uid(key, [rec[ft.prompt_field], str(rec[ft.answer_field])]),
+                    key,
+                    rec[ft.prompt_field],
+                    str(rec[ft.answer_field]),
+                    rec,
+                    ft.tag or Path(ft.path).stem,
+                    ref,
+                )
+            )
         n_held = int(round(len(prompts) * ft.heldout_fraction))
         g = torch.Generator().manual_seed(self.seed)
         order = torch.randperm(len(prompts), generator=g).tolist()

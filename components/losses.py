@@ -64,7 +64,9 @@ def seq_mean_token_sum_norm(x: torch.Tensor, mask: torch.Tensor, norm_len: int |
 
 
 # ---- per-token pieces -------------------------------------------------------------------------
-def token_logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def token_logprobs_and_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob of each target token and the entropy of the distribution, at sampling temperature."""
     logits = logits.float()
     if temperature and temperature != 1.0:

@@ -148,8 +148,12 @@ class PolicyModule(L.LightningModule):
         super().__init__()
         self.automatic_optimization = False
         sampling.validate()
-        for name, val in (("model.ppo_epochs", ppo_epochs), ("model.num_minibatches", num_minibatches),
-                          ("model.micro_batch_rows", micro_batch_rows), ("model.eval.samples", eval.samples)):
+        for name, val in (
+            ("model.ppo_epochs", ppo_epochs),
+            ("model.num_minibatches", num_minibatches),
+            ("model.micro_batch_rows", micro_batch_rows),
+            ("model.eval.samples", eval.samples),
+        ):
             if val < 1:
                 raise ConfigError(name, f"must be >= 1, got {val}")
         self.advantage_fn = get_advantage(advantage.name)
@@ -311,14 +315,17 @@ class PolicyModule(L.LightningModule):
         """Sequence advantages (a pure function of rewards, group index, baselines), times the
         group weight, broadcast to the response tokens."""
         a = self.adv_cfg
-        seq = self.advantage_fn(batch.rewards, batch.group, baseline=batch.baseline, std=a.std, eps=a.eps,
-                                normalize_std=a.normalize_std)
+        seq = self.advantage_fn(
+            batch.rewards, batch.group, baseline=batch.baseline, std=a.std, eps=a.eps, normalize_std=a.normalize_std
+        )
         if not torch.isfinite(seq).all():
             raise RuntimeError(f"non-finite advantages from estimator {a.name!r}: rewards={batch.rewards.tolist()}")
         seq = seq * batch.group_weight
         return seq.to(self.device).unsqueeze(1) * batch.response_mask
 
-    def _forward_logprobs(self, model: torch.nn.Module, batch: TokenBatch, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward_logprobs(
+        self, model: torch.nn.Module, batch: TokenBatch, rows: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         ids, att = batch.input_ids[rows], batch.attention_mask[rows]
         pos = (att.cumsum(-1) - 1).clamp(min=0)
         logits = model(input_ids=ids, attention_mask=att, position_ids=pos).logits
@@ -386,8 +393,15 @@ class PolicyModule(L.LightningModule):
         opt.zero_grad(set_to_none=True)
         opt.step()
 
-    def _micro_loss(self, batch: TokenBatch, rows: torch.Tensor, tok_den: torch.Tensor, seq_den: torch.Tensor,
-                    norm_len: int, stats: dict[str, list[float]]) -> torch.Tensor:
+    def _micro_loss(
+        self,
+        batch: TokenBatch,
+        rows: torch.Tensor,
+        tok_den: torch.Tensor,
+        seq_den: torch.Tensor,
+        norm_len: int,
+        stats: dict[str, list[float]],
+    ) -> torch.Tensor:
         lc = self.loss_cfg
         logp, entropy = self._forward_logprobs(self.policy, batch, rows)
         mask = batch.response_mask[rows]
@@ -488,7 +502,10 @@ class PolicyModule(L.LightningModule):
             self._eval_tags[p.tag].update(torch.tensor(c / k))
 
     def _eval_results(self) -> dict[str, float]:
-        res = {"eval/pass_at_1": float(self._eval_pass.compute()), f"eval/pass_at_{self.eval_cfg.samples}": float(self._eval_passk.compute())}
+        res = {
+            "eval/pass_at_1": float(self._eval_pass.compute()),
+            f"eval/pass_at_{self.eval_cfg.samples}": float(self._eval_passk.compute()),
+        }
         for tag, metric in sorted(self._eval_tags.items()):
             res[f"eval/pass_at_1/{tag}"] = float(metric.compute())
         for metric in [self._eval_pass, self._eval_passk, *self._eval_tags.values()]:

@@ -92,7 +92,9 @@ class VLLMEngine(RolloutEngine):
                 toks = list(c.token_ids)
                 lps = [next(iter(d.values())).logprob if d else 0.0 for d in (c.logprobs or [])]
                 # finish_reason "stop" = EOS or a stop string; "length" = cut at max_tokens.
-                result[i].append(Rollout(toks, lps[: len(toks)], c.text, c.finish_reason == "stop" or (bool(toks) and toks[-1] == eos)))
+                result[i].append(
+                    Rollout(toks, lps[: len(toks)], c.text, c.finish_reason == "stop" or (bool(toks) and toks[-1] == eos))
+                )
         if self.enable_sleep_mode:
             self.llm.sleep(level=1)
         return result

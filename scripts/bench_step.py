@@ -79,9 +79,24 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         os.chdir(tmp)
         cli = build_cli(
-            ["--config", args.recipe, "--trainer.max_steps", str(args.steps + args.warmup), "--trainer.logger", "false",
-             "--trainer.val_check_interval", "100000", "--model.eval.at_start", "false", "--model.export_dir", "null",
-             "--checkpoint.every_n_train_steps", "100000", "--trainer.enable_progress_bar", "false"],
+            [
+                "--config",
+                args.recipe,
+                "--trainer.max_steps",
+                str(args.steps + args.warmup),
+                "--trainer.logger",
+                "false",
+                "--trainer.val_check_interval",
+                "100000",
+                "--model.eval.at_start",
+                "false",
+                "--model.export_dir",
+                "null",
+                "--checkpoint.every_n_train_steps",
+                "100000",
+                "--trainer.enable_progress_bar",
+                "false",
+            ],
             run=False,
         )
         m = cli.model
@@ -95,8 +110,10 @@ def main() -> None:
     n = max(clock.steps, 1)
     total = clock.total / n
     print(f"recipe: {Path(args.recipe).name}   steps timed: {clock.steps}   torch threads: {torch.get_num_threads()}")
-    print(f"rollouts/step: {m.cumulative['rollouts'] / (args.steps + args.warmup):.0f}   "
-          f"tokens/step: {m.cumulative['tokens'] / (args.steps + args.warmup):.0f}")
+    print(
+        f"rollouts/step: {m.cumulative['rollouts'] / (args.steps + args.warmup):.0f}   "
+        f"tokens/step: {m.cumulative['tokens'] / (args.steps + args.warmup):.0f}"
+    )
     print(f"{'phase':<20}{'ms/step':>10}{'share':>9}")
     phases = ["generate", "scoring", "log-prob forward", "backward", "optimizer"]
     accounted = 0.0

@@ -19,8 +19,14 @@ def make_prompts(n: int, prefix: str = "p") -> list[Prompt]:
 
 
 class ScriptedContext:
-    def __init__(self, scripts: dict[str, list[float]] | None = None, pass_rates: dict[str, float] | None = None,
-                 seed: int = 0, extra_prompts: list[Prompt] | None = None, tokens_per_rollout: int = 3) -> None:
+    def __init__(
+        self,
+        scripts: dict[str, list[float]] | None = None,
+        pass_rates: dict[str, float] | None = None,
+        seed: int = 0,
+        extra_prompts: list[Prompt] | None = None,
+        tokens_per_rollout: int = 3,
+    ) -> None:
         self.scripts = {k: list(v) for k, v in (scripts or {}).items()}
         self.pass_rates = pass_rates or {}
         self.rng = random.Random(seed)
@@ -47,8 +53,16 @@ class ScriptedContext:
             for _ in range(n):
                 r = self._reward(p.uid)
                 ctx = contexts[i] if contexts is not None else self.context_of(p)
-                rs.append(Rollout(token_ids=[1] * self.tokens, logprobs=[-0.5] * self.tokens, text=f"{p.uid}|{len(ctx)}",
-                                  finished=True, reward=r, passed=r >= 1.0))
+                rs.append(
+                    Rollout(
+                        token_ids=[1] * self.tokens,
+                        logprobs=[-0.5] * self.tokens,
+                        text=f"{p.uid}|{len(ctx)}",
+                        finished=True,
+                        reward=r,
+                        passed=r >= 1.0,
+                    )
+                )
             self.drawn[p.uid] += n
             out.append(rs)
         return out

@@ -13,18 +13,44 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_fsdp2_two_process_fit_and_resume(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    base = [sys.executable, "-m", "components.cli", "fit", "--config", str(ROOT / "configs" / "fsdp.yaml"),
-            "--config", str(ROOT / "recipes" / "grpo.yaml"), "--data.train_size", "80", "--data.heldout_size", "8",
-            "--data.batch_size", "4", "--model.eval.samples", "1", "--trainer.val_check_interval", "2",
-            "--checkpoint.every_n_train_steps", "2", "--model.log_completions_every_n_steps", "0"]
+    base = [
+        sys.executable,
+        "-m",
+        "components.cli",
+        "fit",
+        "--config",
+        str(ROOT / "configs" / "fsdp.yaml"),
+        "--config",
+        str(ROOT / "recipes" / "grpo.yaml"),
+        "--data.train_size",
+        "80",
+        "--data.heldout_size",
+        "8",
+        "--data.batch_size",
+        "4",
+        "--model.eval.samples",
+        "1",
+        "--trainer.val_check_interval",
+        "2",
+        "--checkpoint.every_n_train_steps",
+        "2",
+        "--model.log_completions_every_n_steps",
+        "0",
+    ]
     run = subprocess.run([*base, "--trainer.max_steps", "2"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
     assert ckpt.exists()  # a sharded checkpoint (a folder) under FSDP2
     exported = tmp_path / "outputs" / "final_policy" / "model.safetensors"
     assert exported.exists()
-    again = subprocess.run([*base, "--trainer.max_steps", "3", "--ckpt_path", str(ckpt)], cwd=tmp_path, env=env,
-                           capture_output=True, text=True, timeout=300)
+    again = subprocess.run(
+        [*base, "--trainer.max_steps", "3", "--ckpt_path", str(ckpt)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     con = sqlite3.connect(tmp_path / "mlflow.db")
     steps = [s for (s,) in con.execute("select step from metrics where key = 'loss/policy' order by step")]

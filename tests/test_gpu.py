@@ -29,8 +29,21 @@ def test_recipe_fit_on_cuda(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     root = Path(__file__).resolve().parents[1]
-    cli = build_cli(["fit", "--config", str(root / "recipes" / "grpo.yaml"), "--trainer.accelerator", "gpu",
-                     "--trainer.max_steps", "2", "--data.train_size", "100", "--data.heldout_size", "16"])
+    cli = build_cli(
+        [
+            "fit",
+            "--config",
+            str(root / "recipes" / "grpo.yaml"),
+            "--trainer.accelerator",
+            "gpu",
+            "--trainer.max_steps",
+            "2",
+            "--data.train_size",
+            "100",
+            "--data.heldout_size",
+            "16",
+        ]
+    )
     assert cli.trainer.global_step == 2
     assert next(cli.model.policy.parameters()).is_cuda
 

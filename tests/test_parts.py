@@ -67,7 +67,9 @@ def test_task_verifier_is_the_tasks_own_with_partial_credit_as_fail():
 
 def test_file_source_jsonl_with_math_verify(tmp_path):
     f = tmp_path / "items.jsonl"
-    f.write_text("\n".join(json.dumps({"prompt": f"What is {i}+{i}?", "answer": str(2 * i), "reference": "add"}) for i in range(20)))
+    f.write_text(
+        "\n".join(json.dumps({"prompt": f"What is {i}+{i}?", "answer": str(2 * i), "reference": "add"}) for i in range(20))
+    )
     dm = PromptDataModule(tasks=[], files=[FileTask(str(f), heldout_fraction=0.25)], train_size=10, heldout_size=5)
     dm.setup()
     assert len(dm.train_pool) == 15 and len(dm.heldout) == 5

@@ -16,13 +16,40 @@ from components.policy import load_policy
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
-SMALL = ["--data.train_size", "120", "--data.heldout_size", "16", "--data.batch_size", "8",
-         "--model.eval.samples", "2", "--trainer.val_check_interval", "2", "--model.log_completions_every_n_steps", "1"]
+SMALL = [
+    "--data.train_size",
+    "120",
+    "--data.heldout_size",
+    "16",
+    "--data.batch_size",
+    "8",
+    "--model.eval.samples",
+    "2",
+    "--trainer.val_check_interval",
+    "2",
+    "--model.log_completions_every_n_steps",
+    "1",
+]
 CORE_METRICS = [
-    "gate/open_frac", "gate/all_zero_frac", "gate/all_one_frac", "signal/adv_energy", "budget/rollouts", "budget/tokens",
-    "budget/rollouts_in_loss", "budget/tokens_in_loss", "budget/cum_rollouts", "budget/cum_tokens", "reward/mean",
-    "eval/pass_at_1", "train/never_solved_frac", "loss/policy", "loss/kl", "policy/entropy", "policy/clip_frac",
-    "time/generate_s", "time/update_s",
+    "gate/open_frac",
+    "gate/all_zero_frac",
+    "gate/all_one_frac",
+    "signal/adv_energy",
+    "budget/rollouts",
+    "budget/tokens",
+    "budget/rollouts_in_loss",
+    "budget/tokens_in_loss",
+    "budget/cum_rollouts",
+    "budget/cum_tokens",
+    "reward/mean",
+    "eval/pass_at_1",
+    "train/never_solved_frac",
+    "loss/policy",
+    "loss/kl",
+    "policy/entropy",
+    "policy/clip_frac",
+    "time/generate_s",
+    "time/update_s",
 ]
 
 
@@ -109,8 +136,16 @@ def test_bad_config_is_one_line_naming_the_field(args, field, tmp_path, monkeypa
 
 def test_resume_continues_at_the_right_step(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    args = ["fit", "--config", str(ROOT / "recipes" / "grpo.yaml"), *SMALL, "--checkpoint.every_n_train_steps", "2",
-            "--model.eval.at_start", "false"]
+    args = [
+        "fit",
+        "--config",
+        str(ROOT / "recipes" / "grpo.yaml"),
+        *SMALL,
+        "--checkpoint.every_n_train_steps",
+        "2",
+        "--model.eval.at_start",
+        "false",
+    ]
     first = build_cli([*args, "--trainer.max_steps", "2"])
     per_step = first.model.cumulative["rollouts"] / 2
     hist_total = sum(n for n, _ in first.model.prompt_history.values())
@@ -125,9 +160,28 @@ def test_resume_continues_at_the_right_step(tmp_path, monkeypatch):
 
 def test_ppo_epochs_minibatches_and_kl_are_real(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cli = build_cli(["fit", "--config", str(ROOT / "recipes" / "grpo.yaml"), *SMALL, "--trainer.max_steps", "2",
-                     "--model.ppo_epochs", "2", "--model.num_minibatches", "2", "--model.loss.kl_coef", "0.1",
-                     "--model.loss.entropy_coef", "0.01", "--model.micro_batch_rows", "5", "--model.optimizer.init_args.lr", "1e-3"])
+    cli = build_cli(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "recipes" / "grpo.yaml"),
+            *SMALL,
+            "--trainer.max_steps",
+            "2",
+            "--model.ppo_epochs",
+            "2",
+            "--model.num_minibatches",
+            "2",
+            "--model.loss.kl_coef",
+            "0.1",
+            "--model.loss.entropy_coef",
+            "0.01",
+            "--model.micro_batch_rows",
+            "5",
+            "--model.optimizer.init_args.lr",
+            "1e-3",
+        ]
+    )
     assert cli.trainer.global_step == 2
     m = _metrics(tmp_path / "mlflow.db")
     # old log-probs were kept: after the first mini-batch update the ratio moves away from 1
@@ -140,8 +194,19 @@ def test_ppo_epochs_minibatches_and_kl_are_real(tmp_path, monkeypatch):
 def test_step_with_no_group_in_the_loss_still_counts_and_changes_nothing(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     before = {k: v.clone() for k, v in load_policy("embedded:tiny")[0].state_dict().items()}
-    cli = build_cli(["fit", "--config", str(ROOT / "recipes" / "grpo.yaml"), *SMALL, "--trainer.max_steps", "2",
-                     "--trainer.callbacks+=components.callbacks.base.ZeroVarianceFilter", "--trainer.callbacks.min_std", "10"])
+    cli = build_cli(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "recipes" / "grpo.yaml"),
+            *SMALL,
+            "--trainer.max_steps",
+            "2",
+            "--trainer.callbacks+=components.callbacks.base.ZeroVarianceFilter",
+            "--trainer.callbacks.min_std",
+            "10",
+        ]
+    )
     assert cli.trainer.global_step == 2
     after = cli.model.policy.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
