@@ -112,7 +112,8 @@ class CurateCLI(LightningCLI):
         recipes = [Path(str(c)).stem for c in (cfg.get("config") or [])]
         if recipes:
             client.set_tag(run_id, "recipe", "+".join(recipes))
-            client.set_tag(run_id, "mlflow.runName", "+".join(recipes))
+            if not getattr(logger, "_run_name", None):  # keep a run name the user gave
+                client.set_tag(run_id, "mlflow.runName", "+".join(recipes))
 
     def _subparser(self):  # the parser of the running subcommand
         return self.parser._subcommands_action._name_parser_map[self.subcommand]

@@ -115,8 +115,9 @@ class PolicyModule(L.LightningModule):
         num_minibatches: optimizer steps per epoch.
         micro_batch_rows: rows per forward/backward (gradient accumulation, exact aggregation).
         grad_clip: max gradient norm (0 disables).
-        skip_zero_advantage: leave rollouts whose advantage is 0 everywhere out of the forward pass;
-            they carry no gradient but still count in the token-mean denominator.
+        skip_zero_advantage: leave rollouts whose advantage is 0 on every token out of the
+            forward/backward pass when that is exact (no KL, no entropy term): they have zero
+            gradient, and still count in the aggregate's denominator. A pure speed-up.
         eval: held-out evaluation settings.
         chat_template: force the chat template on/off (default: use it if the tokenizer has one).
         num_threads: torch CPU threads (1 is fastest for small models on shared cores).
@@ -138,7 +139,7 @@ class PolicyModule(L.LightningModule):
         num_minibatches: int = 1,
         micro_batch_rows: int = 512,
         grad_clip: float = 1.0,
-        skip_zero_advantage: bool = False,
+        skip_zero_advantage: bool = True,
         eval: EvalConfig = EvalConfig(),
         chat_template: bool | None = None,
         num_threads: int | None = 1,
@@ -342,35 +343,36 @@ class PolicyModule(L.LightningModule):
         return torch.cat(out)
 
     def update(self, batch: TokenBatch) -> None:
-        """PPO epochs x mini-batches of clipped-surrogate updates with exact aggregation over
-        micro-batches."""
+        """PPO epochs x mini-batches of clipped-surrogate updates, with exact aggregation over
+        micro-batches.
+
+        Rows whose advantage is zero on every token have exactly zero policy-loss gradient, so when
+        there is no KL or entropy term (which would give them one) they are left out of the
+        forward/backward pass (``skip_zero_advantage``), while still counting in the aggregate's
+        denominator: the same gradient for a fraction of the compute.
+        """
         lc = self.loss_cfg
         opt = self.optimizers()
-        active = torch.arange(batch.size)
-        if self.skip_zero_advantage:
-            active = active[(batch.advantages != 0).any(-1).cpu()]
+        n = batch.size
+        skip = self.skip_zero_advantage and lc.kl_coef == 0 and lc.entropy_coef == 0
+        runs = (batch.advantages != 0).any(-1).cpu() if skip else torch.ones(n, dtype=torch.bool)
         reuse = self.ppo_epochs > 1 or self.num_minibatches > 1
         if reuse:
             batch.old_logprobs = self._no_grad_logprobs(self.policy, batch)
         if self.ref_policy is not None:
             batch.ref_logprobs = self._no_grad_logprobs(self.ref_policy, batch)
-        mask_all = batch.response_mask
-        tokens_all, seqs_all = mask_all.sum().clamp(min=1), (mask_all.sum(-1) > 0).sum().clamp(min=1)
+        mask = batch.response_mask
         norm_len = lc.norm_len or self.sampling.max_new_tokens
         stats: dict[str, list[float]] = defaultdict(list)
         minibatches = []
         for _epoch in range(self.ppo_epochs):
-            perm = active[torch.randperm(len(active))] if reuse else active
+            perm = torch.randperm(n) if reuse else torch.arange(n)
             minibatches += [mb for mb in perm.tensor_split(self.num_minibatches) if len(mb)]
-        if not minibatches:
-            self._empty_step()
         for update, mb in enumerate(minibatches, start=1):
-            # The aggregate's denominator: the whole batch for a single update (rows skipped for a
-            # zero advantage still count, as they would in the loss), else this mini-batch.
-            tok_den = mask_all[mb].sum().clamp(min=1) if reuse else tokens_all
-            seq_den = (mask_all[mb].sum(-1) > 0).sum().clamp(min=1) if reuse else seqs_all
-            opt.zero_grad()
-            for rows in mb.split(self.micro_batch_rows):
+            tok_den = mask[mb].sum().clamp(min=1)  # the aggregate's denominators: the whole mini-batch
+            seq_den = (mask[mb].sum(-1) > 0).sum().clamp(min=1)
+            opt.zero_grad(set_to_none=True)
+            for rows in mb[runs[mb]].split(self.micro_batch_rows):
                 loss = self._micro_loss(batch, rows, tok_den, seq_den, norm_len, stats)
                 self.manual_backward(loss)
             if self.grad_clip:

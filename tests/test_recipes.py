@@ -212,3 +212,30 @@ def test_step_with_no_group_in_the_loss_still_counts_and_changes_nothing(tmp_pat
     assert all(torch.equal(before[k], after[k]) for k in before)
     m = _metrics(tmp_path / "mlflow.db")
     assert m["filter/dropped_frac"] == [1.0, 1.0] and m["budget/rollouts_in_loss"] == [0.0, 0.0]
+
+
+def test_skipping_zero_advantage_rows_gives_the_same_update(tmp_path, monkeypatch):
+    params = []
+    for skip in ("true", "false"):
+        monkeypatch.chdir(tmp_path)
+        d = tmp_path / skip
+        d.mkdir()
+        monkeypatch.chdir(d)
+        cli = build_cli(
+            [
+                "fit",
+                "--config",
+                str(ROOT / "recipes" / "grpo.yaml"),
+                *SMALL,
+                "--trainer.max_steps",
+                "1",
+                "--model.eval.at_start",
+                "false",
+                "--model.skip_zero_advantage",
+                skip,
+            ]
+        )
+        m = _metrics(d / "mlflow.db")
+        assert 0 < m["budget/rollouts_nonzero_adv"][0] < m["budget/rollouts_in_loss"][0]  # some rows were skippable
+        params.append({k: v.clone() for k, v in cli.model.policy.state_dict().items()})
+    assert all(torch.allclose(params[0][k], params[1][k], atol=1e-6) for k in params[0])

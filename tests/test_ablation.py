@@ -1,0 +1,331 @@
+"""Ablation runner and comparison (components/ablation.py, scripts/ablate.py).
+
+One small real ablation (grpo and dr_grpo x 2 seeds, a token cap of a few steps on a small pool)
+is shared by the integration tests through a module-scoped fixture; it costs four ``curate-rl fit``
+processes (~25 s each on one thread). Everything else runs on hand-made curves and fake runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from components import ablation as ab
+
+ROOT = Path(__file__).resolve().parents[1]
+ABLATE = ROOT / "scripts" / "ablate.py"
+CAP = 1150  # ~260 generated tokens per step with 8 prompts x G=8: about 5 steps
+EXTRA = ["--data.train_size", "200", "--data.heldout_size", "32", "--data.batch_size", "8", "--trainer.val_check_interval", "2"]
+RECIPES = ["recipes/grpo.yaml", "recipes/dr_grpo.yaml"]
+
+
+def _ablate(tmp: Path, *more: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ABLATE), "--recipes", *RECIPES, "--seeds", "0", "1", "--max-tokens", str(CAP), "--slice", "d2",
+           "--tracking-uri", f"sqlite:///{tmp}/mlflow.db", "--out", str(tmp / "out"), "--ablation-id", "t1", *more, "--", *EXTRA]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, f"ablate.py failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+def _train_runs(client, exp_id: str) -> list:
+    return [r for r in ab.search_all(client, [exp_id]) if r.data.tags.get("kind") == "train"]
+
+
+def _hist(client, run_id: str, key: str) -> list:
+    return sorted(client.get_metric_history(run_id, key), key=lambda m: (m.timestamp, m.step))
+
+
+@pytest.fixture(scope="module")
+def ablation(tmp_path_factory):
+    from mlflow import MlflowClient
+
+    tmp = tmp_path_factory.mktemp("ablation")
+    proc = _ablate(tmp)
+    client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
+    exp_id = client.get_experiment_by_name("curate-rl-ablations").experiment_id
+    return SimpleNamespace(tmp=tmp, client=client, exp_id=exp_id, stdout=proc.stdout)
+
+
+# ---- (1) the budget cap stops a real run at the cap, and the run is evaluated there ------------
+def test_budget_cap_stops_real_runs_at_the_cap_with_a_final_eval(ablation):
+    client = ablation.client
+    runs = _train_runs(client, ablation.exp_id)
+    assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
+    off_interval = 0
+    for r in runs:
+        cum = _hist(client, r.info.run_id, ab.CUM_TOKENS)
+        draws = _hist(client, r.info.run_id, "budget/tokens")
+        assert len(cum) >= 3, "a few steps are expected under this cap"
+        assert cum[-1].value >= CAP, "stopped before the cap"
+        assert cum[-1].value < CAP + draws[-1].value, "ran past the step that crossed the cap"
+        assert cum[-2].value < CAP, "did not stop at the first step that crossed the cap"
+        evals = _hist(client, r.info.run_id, ab.PASS_AT_1)
+        assert evals[-1].step == cum[-1].step, "no held-out eval at the budget stop"
+        off_interval += (cum[-1].step + 1) % 2 != 0  # val_check_interval 2: an eval here comes from the stop
+    # Lightning validates when a callback sets should_stop; at least one run must show it off the interval.
+    assert off_interval >= 1, "every run stopped on a val-check step: choose CAP so the stop falls between them"
+
+
+# ---- (2) the table equals numbers recomputed from the metric histories; re-running skips ----------
+def _independent(client, run) -> dict:
+    """Per-run numbers straight from MLflow, without components.ablation."""
+    rid = run.info.run_id
+    cum = _hist(client, rid, ab.CUM_TOKENS)
+    rol = {m.step: m.value for m in _hist(client, rid, ab.CUM_ROLLOUTS)}
+    tok = {m.step: m.value for m in cum}
+    out = {}
+    for key in (ab.PASS_AT_1, ab.PASS_AT_1 + "/d2"):
+        pts = []
+        for m in _hist(client, rid, key):
+            before_training = m.step == 0 and m.timestamp < cum[0].timestamp
+            pts.append((0.0 if before_training else tok[m.step], 0.0 if before_training else rol[m.step], m.value))
+        xs, ys = [p[0] for p in pts], [p[2] for p in pts]
+        area = 0.0  # trapezoids over [0, CAP], the last segment cut at CAP
+        for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
+            if x0 >= CAP:
+                break
+            xe = min(x1, CAP)
+            ye = y0 + (y1 - y0) * (xe - x0) / (x1 - x0)
+            area += (y0 + ye) / 2 * (xe - x0)
+        out[key] = {"final": ys[-1], "best": max(ys), "auc": area / CAP, "pts": pts}
+    out["nz"] = run.data.metrics[ab.CUM_TOKENS_NZ] / cum[-1].value
+    out["open"] = float(np.mean([m.value for m in _hist(client, rid, ab.OPEN_FRAC)]))
+    return out
+
+
+def _mean_curve_cross(per_seed: list[list[tuple]], target: float, end: float) -> tuple[float, float] | None:
+    grid = np.linspace(0.0, end, 201)
+    ys = np.mean([np.interp(grid, [p[0] for p in pts], [p[2] for p in pts]) for pts in per_seed], axis=0)
+    rs = np.mean([np.interp(grid, [p[0] for p in pts], [p[1] for p in pts]) for pts in per_seed], axis=0)
+    for i in range(len(grid)):
+        if ys[i] >= target - 1e-9:
+            if i == 0:
+                return grid[0], rs[0]
+            f = (target - ys[i - 1]) / (ys[i] - ys[i - 1])
+            return grid[i - 1] + f * (grid[i] - grid[i - 1]), rs[i - 1] + f * (rs[i] - rs[i - 1])
+    return None
+
+
+def test_table_equals_numbers_recomputed_from_metric_histories(ablation):
+    client = ablation.client
+    runs = _train_runs(client, ablation.exp_id)
+    table = {row["recipe"]: row for row in csv.DictReader((ablation.tmp / "out/t1/report/table.csv").open())}
+    assert set(table) == {"grpo", "dr_grpo"} and table["grpo"]["baseline"] == "1"
+    per = {name: [_independent(client, r) for r in runs if r.data.tags["ablation_recipe"] == name] for name in table}
+    end = max(p[0] for rs in per.values() for r in rs for p in r[ab.PASS_AT_1]["pts"])
+    for key in (ab.PASS_AT_1, ab.PASS_AT_1 + "/d2"):
+        target = float(np.mean([r[key]["final"] for r in per["grpo"]]))
+        base_cross = _mean_curve_cross([r[key]["pts"] for r in per["grpo"]], target, end)
+        for name, rs in per.items():
+            row = table[name]
+            assert len(rs) == 2 and row["n_seeds"] == "2"
+            for stat in ("final", "best", "auc"):
+                vals = [r[key][stat] for r in rs]
+                assert float(row[f"{key}:{stat}_mean"]) == pytest.approx(np.mean(vals), abs=1e-9), (name, key, stat)
+                assert float(row[f"{key}:{stat}_std"]) == pytest.approx(np.std(vals, ddof=1), abs=1e-9), (name, key, stat)
+            assert float(row[f"{key}:target"]) == pytest.approx(target, abs=1e-12)
+            cross = _mean_curve_cross([r[key]["pts"] for r in rs], target, end)
+            if cross is None:
+                assert row[f"{key}:tokens_to_target"] == "" and row[f"{key}:ratio_to_baseline"] == ""
+            else:
+                assert float(row[f"{key}:tokens_to_target"]) == pytest.approx(cross[0], rel=1e-9, abs=1e-6)
+                assert float(row[f"{key}:rollouts_to_target"]) == pytest.approx(cross[1], rel=1e-9, abs=1e-6)
+                if base_cross is not None and base_cross[0] > 0:
+                    assert float(row[f"{key}:ratio_to_baseline"]) == pytest.approx(cross[0] / base_cross[0], rel=1e-9)
+        assert base_cross is not None, "the baseline's mean curve ends at its own final mean: it must reach it"
+    for name, rs in per.items():
+        assert float(table[name]["nonzero_token_share_mean"]) == pytest.approx(np.mean([r["nz"] for r in rs]), abs=1e-12)
+        assert float(table[name]["open_frac_mean"]) == pytest.approx(np.mean([r["open"] for r in rs]), abs=1e-12)
+    # The report went to a summary run too.
+    summaries = [r for r in ab.search_all(client, [ablation.exp_id], "tags.kind = 'summary'")]
+    assert summaries and summaries[0].data.tags["ablation_id"] == "t1"
+    names = {a.path for a in client.list_artifacts(summaries[0].info.run_id)}
+    assert {"table.md", "table.csv", "curves.png"} <= names
+
+
+def test_rerun_skips_finished_runs_and_report_only_prints_the_same_table(ablation):
+    client = ablation.client
+    before = {r.info.run_id for r in _train_runs(client, ablation.exp_id)}
+    proc = _ablate(ablation.tmp)  # the same command again: everything is FINISHED
+    assert "(4 already finished, 0 to run)" in proc.stdout
+    assert {r.info.run_id for r in _train_runs(client, ablation.exp_id)} == before
+    report = subprocess.run(
+        [sys.executable, str(ABLATE), "--report-only", "--ablation-id", "t1", "--slice", "d2", "--baseline", "grpo",
+         "--tracking-uri", f"sqlite:///{ablation.tmp}/mlflow.db", "--out", str(ablation.tmp / "out2"), "--no-summary-run"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )  # fmt: skip
+    assert report.returncode == 0, report.stderr[-3000:]
+    table = (ablation.tmp / "out/t1/report/table.md").read_text()
+    assert (ablation.tmp / "out2/t1/report/table.md").read_text() == table
+    assert table in report.stdout
+
+
+# ---- (3) curve arithmetic on hand-made curves ---------------------------------------------------
+def test_auc_is_the_mean_of_the_piecewise_linear_curve_over_the_budget():
+    x, y = np.array([0.0, 100.0, 200.0]), np.array([0.0, 1.0, 1.0])
+    assert ab.auc(x, y, 200) == pytest.approx(0.75)  # 50 (triangle) + 100 (rectangle) over 200
+    assert ab.auc(x, y, 100) == pytest.approx(0.5)
+    # Overshoot past the budget is cut at the budget (interpolated), not counted.
+    assert ab.auc(np.array([0.0, 120.0]), np.array([0.0, 1.2]), 100) == pytest.approx(0.5)
+    # No start eval: held flat back to 0; curve ending early: held flat to the budget.
+    assert ab.auc(np.array([50.0, 100.0]), np.array([0.4, 0.4]), 200) == pytest.approx(0.4)
+    assert ab.auc(np.array([0.0, 100.0]), np.array([0.2, 0.6]), 200) == pytest.approx((0.4 * 100 + 0.6 * 100) / 200)
+
+
+def test_tokens_to_target_interpolates_between_eval_points():
+    x, y = np.array([0.0, 100.0, 200.0, 300.0]), np.array([0.2, 0.3, 0.5, 0.4])
+    assert ab.x_at_target(x, y, 0.4) == pytest.approx(150.0)
+    assert ab.x_at_target(x, y, 0.5) == pytest.approx(200.0)
+    assert ab.x_at_target(x, y, 0.2) == pytest.approx(0.0)  # already there at the start
+    assert ab.x_at_target(x, y, 0.51) is None  # never reached
+    # The first crossing counts, even if the curve dips after it; the same crossing on the rollout axis.
+    cross = ab.crossing(np.array([0.1, 0.3, 0.1, 0.3]), 0.2)
+    assert cross == (1, pytest.approx(0.5))
+    assert ab.x_at(np.array([0.0, 64.0, 128.0, 192.0]), cross) == pytest.approx(32.0)
+    assert ab.x_at_target(x, y, 0.5 + 1e-12) == pytest.approx(200.0)  # float noise still reaches
+
+
+def test_eval_points_place_the_start_eval_at_zero_and_others_after_their_step():
+    cum = {
+        "tokens": [(0, 1000, 10.0), (1, 2000, 20.0), (2, 3000, 30.0)],
+        "rollouts": [(0, 1000, 4.0), (1, 2000, 8.0), (2, 3000, 12.0)],
+    }
+    evals = [(0, 500, 0.1), (1, 2100, 0.2), (2, 3050, 0.3)]  # start eval (before step 0's metrics), after step 1, at the stop
+    xs, ys = ab.eval_points(evals, cum)
+    assert xs["tokens"].tolist() == [0.0, 20.0, 30.0] and xs["rollouts"].tolist() == [0.0, 8.0, 12.0]
+    assert ys.tolist() == [0.1, 0.2, 0.3]
+    # val_check_interval 1: two evals logged at step 0, told apart by time.
+    xs, ys = ab.eval_points([(0, 1500, 0.25), (0, 500, 0.1)], cum)
+    assert xs["tokens"].tolist() == [0.0, 10.0] and ys.tolist() == [0.1, 0.25]
+
+
+def test_mean_std_and_mean_curve_on_a_common_grid():
+    assert ab.mean_std([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2)))
+    m, s = ab.mean_std([0.5])
+    assert m == 0.5 and math.isnan(s)
+    a = ab.Curve(np.array([0.0, 100.0]), np.array([0.0, 10.0]), np.array([0.0, 1.0]))
+    b = ab.Curve(np.array([0.0, 50.0, 110.0]), np.array([0.0, 5.0, 11.0]), np.array([0.2, 0.2, 0.2]))
+    mc = ab.mean_curve([a, b], "tokens", np.array([0.0, 50.0, 100.0, 110.0]))
+    assert mc["mean"].tolist() == pytest.approx([0.1, 0.35, 0.6, 0.6])  # a is held at 1.0 past its end
+    assert mc["min"].tolist() == pytest.approx([0.0, 0.2, 0.2, 0.2]) and mc["max"].tolist() == pytest.approx([0.2, 0.5, 1.0, 1.0])
+    assert mc["rollouts"].tolist() == pytest.approx([0.0, 5.0, 10.0, 10.5])
+
+
+def _result(recipe: str, seed: int, xs: list[float], ys: list[float], variant: str = "") -> ab.RunResult:
+    x = np.array(xs)
+    c = ab.Curve(x, x / 4, np.array(ys))
+    return ab.RunResult(f"{recipe}{seed}", recipe, variant, str(seed), {ab.PASS_AT_1: c}, x[-1], x[-1] / 4, 0.5, 0.4, 10.0, 5.0)
+
+
+def test_summarize_target_ratio_and_reached_counts():
+    budget = ab.Budget("tokens", 200)
+    results = [
+        _result("grpo", 0, [0, 100, 200], [0.2, 0.3, 0.4]),
+        _result("grpo", 1, [0, 100, 200], [0.2, 0.3, 0.6]),  # baseline final mean 0.5 = the target
+        _result("fast", 0, [0, 100, 200], [0.2, 0.6, 0.6]),
+        _result("fast", 1, [0, 100, 200], [0.2, 0.4, 0.6]),
+        _result("slow", 0, [0, 100, 200], [0.2, 0.2, 0.2]),
+    ]
+    rows = ab.summarize(results, budget, baseline="recipes/grpo.yaml")
+    by = {r.recipe: r for r in rows}
+    assert [r.recipe for r in rows] == ["grpo", "fast", "slow"] and by["grpo"].is_baseline
+    g, f, s = by["grpo"].blocks[0], by["fast"].blocks[0], by["slow"].blocks[0]
+    assert g.target == pytest.approx(0.5) and g.final[0] == pytest.approx(0.5)
+    assert (
+        g.tokens_to_target == pytest.approx(200.0)
+        and g.rollouts_to_target == pytest.approx(50.0)
+        and g.ratio == pytest.approx(1.0)
+    )
+    assert g.seeds_reached == 1  # seed 0 ends at 0.4
+    assert f.tokens_to_target == pytest.approx(100.0) and f.ratio == pytest.approx(0.5) and f.seeds_reached == 2
+    assert s.tokens_to_target is None and s.ratio is None and s.seeds_reached == 0
+    assert f.auc[0] == pytest.approx(
+        np.mean([ab.auc([0, 100, 200], [0.2, 0.6, 0.6], 200), ab.auc([0, 100, 200], [0.2, 0.4, 0.6], 200)])
+    )
+    # An explicit target overrides the baseline's final.
+    assert ab.summarize(results, budget, baseline="grpo", target=0.3)[0].blocks[0].tokens_to_target == pytest.approx(100.0)
+    md, text = ab.to_markdown(rows, budget), ab.to_csv(rows)
+    assert "| **grpo** | 2 |" in md and "not reached (0/1)" in md
+    assert (
+        next(r for r in csv.DictReader(text.splitlines()) if r["recipe"] == "fast")["eval/pass_at_1:ratio_to_baseline"] == "0.5"
+    )
+
+
+def test_variants_compare_against_the_baseline_of_their_own_overlays():
+    budget = ab.Budget("tokens", 100)
+    results = [_result("grpo", 0, [0, 100], [0.0, 1.0], "g4"), _result("x", 0, [0, 100], [0.0, 1.0], "g4"),
+               _result("grpo", 0, [0, 100], [0.0, 0.5], "g8"), _result("x", 0, [0, 100], [0.0, 0.5], "g8")]  # fmt: skip
+    rows = ab.summarize(results, budget, baseline="grpo")
+    assert [(r.variant, r.recipe, r.is_baseline) for r in rows] == [("g4", "grpo", True), ("g4", "x", False),
+                                                                    ("g8", "grpo", True), ("g8", "x", False)]  # fmt: skip
+    assert [r.blocks[0].target for r in rows] == [1.0, 1.0, 0.5, 0.5]
+
+
+# ---- planning and command lines -----------------------------------------------------------------
+def _fake_run(spec: ab.RunSpec, status: str, settings: str, sha: str | None = None, rid: str = "r") -> SimpleNamespace:
+    tags = {"ablation_key": spec.key, "ablation_settings": settings, "ablation_files_sha": sha or spec.files_sha(ROOT)}
+    return SimpleNamespace(info=SimpleNamespace(status=status, run_id=rid), data=SimpleNamespace(tags=tags))
+
+
+def test_plan_skips_finished_and_redoes_unfinished_or_changed_runs():
+    settings = ab.settings_of(ab.Budget("tokens", 100), [], 10)
+    a, b, c, d = (ab.RunSpec("recipes/grpo.yaml", (), s) for s in range(4))
+    runs = [_fake_run(a, "FINISHED", settings), _fake_run(b, "RUNNING", settings, rid="stale"),
+            _fake_run(c, "FAILED", settings), _fake_run(d, "FINISHED", settings, sha="old")]  # fmt: skip
+    p = ab.plan([a, b, c, d], runs, "x", settings, ROOT)
+    assert p.done == [a] and p.todo == [b, c, d] and p.stale_run_ids == ["stale"]
+    assert len(p.notes) == 1 and "changed" in p.notes[0]
+    other = ab.settings_of(ab.Budget("tokens", 200), [], 10)
+    with pytest.raises(ValueError, match="other settings"):
+        ab.plan([a], [_fake_run(a, "FINISHED", other)], "x", settings, ROOT)
+
+
+def test_fit_command_appends_the_cap_and_tags_the_run_exactly():
+    import json
+
+    spec = ab.RunSpec("recipes/dr_grpo.yaml", ("configs/cpu-tiny.yaml",), 3)
+    settings = ab.settings_of(ab.Budget("rollouts", 5000), ["--data.train_size", "200"], 99)
+    cmd, env = ab.fit_command(spec, ab.Budget("rollouts", 5000), ablation_id="1e3", tracking_uri="sqlite:////x/m.db",
+                              experiment="e", settings=settings, extra_args=["--data.train_size", "200"], max_steps=99, root=ROOT)  # fmt: skip
+    configs = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--config"]
+    assert configs == [str(ROOT / "configs/cpu-tiny.yaml"), str(ROOT / "recipes/dr_grpo.yaml")]
+    cap = next(a for a in cmd if a.startswith("--trainer.callbacks+="))
+    assert json.loads(cap.split("=", 1)[1]) == {"class_path": ab.BUDGET_CAP, "init_args": {"max_rollouts": 5000}}
+    assert cmd.index("--data.train_size") < cmd.index(cap), "the ablation's settings must come last"
+    assert cmd[cmd.index("--seed_everything") + 1] == "3" and cmd[cmd.index("--trainer.max_steps") + 1] == "99"
+    tags = json.loads(env["MLFLOW_RUN_CONTEXT"])
+    assert tags["ablation_id"] == "1e3" and tags["seed"] == "3" and tags["recipe"] == "cpu-tiny+dr_grpo"
+    assert tags["ablation_variant"] == "cpu-tiny" and tags["ablation_settings"] == settings and env["OMP_NUM_THREADS"] == "1"
+
+
+def test_presets_resolve_recipes_by_glob():
+    import importlib.util
+
+    mod_spec = importlib.util.spec_from_file_location("ablate_script", ABLATE)
+    script = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(script)
+    args = script.parse_args(["--preset", "embedded"])
+    assert args.recipe_paths == sorted(str(p.relative_to(ROOT)) for p in (ROOT / "recipes").glob("*.yaml"))
+    assert args.seeds == [0, 1, 2] and args.budget.kind == "tokens" and args.baseline == "recipes/grpo.yaml"
+    smoke = script.parse_args(["--preset", "smoke", "--", "--data.seed", "1"])
+    assert len(smoke.recipe_paths) == 2 and smoke.seeds == [0, 1] and smoke.extra[-2:] == ["--data.seed", "1"]
+
+
+def test_a_start_eval_that_differs_between_recipes_is_flagged():
+    same = [_result("grpo", 0, [0, 100], [0.2, 0.3]), _result("x", 0, [0, 100], [0.2, 0.5])]
+    assert ab.start_mismatches(same) == []
+    changed = [*same, _result("y", 0, [0, 100], [0.3, 0.5]), _result("y", 1, [0, 100], [0.9, 0.5])]
+    notes = ab.start_mismatches(changed)
+    assert len(notes) == 1 and notes[0].startswith("seed 0") and "y 0.300" in notes[0]
+    assert "**Warning:** seed 0" in ab.to_markdown(
+        ab.summarize(changed, ab.Budget("tokens", 100)), ab.Budget("tokens", 100), notes=notes
+    )
