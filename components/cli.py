@@ -29,7 +29,7 @@ TRAINER_DEFAULTS: dict[str, Any] = {
         "class_path": "lightning.pytorch.loggers.MLFlowLogger",
         "init_args": {"experiment_name": "curate-rl", "tracking_uri": "sqlite:///mlflow.db"},
     },
-    "max_steps": 500,
+    "max_steps": 750,
     "val_check_interval": 25,
     "check_val_every_n_epoch": None,
     "num_sanity_val_steps": 0,
@@ -159,10 +159,25 @@ def _valid_components(msg: str) -> str:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of ``curate-rl``; exits with a one-line message on a bad configuration."""
+    """Entry point of ``curate-rl``; exits with a one-line message on a bad configuration, leaving
+    nothing behind (an MLflow store created by the failed start is removed again)."""
+    import logging
+    import shutil
+
+    import mlflow  # noqa: F401  (configures its loggers on import; quieten them after)
+    from transformers.utils import logging as hf_logging
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    hf_logging.disable_progress_bar()
+    fresh = [p for p in (Path("mlflow.db"), Path("mlruns")) if not p.exists()]
     try:
         build_cli(args)
     except (ArgumentError, ConfigError) as e:
+        for p in fresh:
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            elif p.exists():
+                p.unlink()
         msg = " ".join(str(e).split()) + _valid_components(str(e))
         print(f"curate-rl: config error: {msg}", file=sys.stderr)
         raise SystemExit(2) from None

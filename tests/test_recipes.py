@@ -131,7 +131,7 @@ def test_bad_config_is_one_line_naming_the_field(args, field, tmp_path, monkeypa
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and field in err[0] and err[0].startswith("curate-rl: config error:")
-    assert not (tmp_path / "checkpoints").exists()
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "mlflow.db").exists()
 
 
 def test_resume_continues_at_the_right_step(tmp_path, monkeypatch):
