@@ -372,7 +372,8 @@ class PolicyModule(L.LightningModule):
             tok_den = mask[mb].sum().clamp(min=1)  # the aggregate's denominators: the whole mini-batch
             seq_den = (mask[mb].sum(-1) > 0).sum().clamp(min=1)
             opt.zero_grad(set_to_none=True)
-            for rows in mb[runs[mb]].split(self.micro_batch_rows):
+            to_run = mb[runs[mb]]
+            for rows in to_run.split(self.micro_batch_rows) if len(to_run) else ():  # split() of nothing gives one empty chunk
                 loss = self._micro_loss(batch, rows, tok_den, seq_den, norm_len, stats)
                 self.manual_backward(loss)
             if self.grad_clip:

@@ -239,3 +239,24 @@ def test_skipping_zero_advantage_rows_gives_the_same_update(tmp_path, monkeypatc
         assert 0 < m["budget/rollouts_nonzero_adv"][0] < m["budget/rollouts_in_loss"][0]  # some rows were skippable
         params.append({k: v.clone() for k, v in cli.model.policy.state_dict().items()})
     assert all(torch.allclose(params[0][k], params[1][k], atol=1e-6) for k in params[0])
+
+
+def test_all_zero_advantages_skip_the_update_and_still_count(tmp_path, monkeypatch):
+    # Greedy sampling: every rollout of a prompt is the same, so every advantage is zero.
+    monkeypatch.chdir(tmp_path)
+    before = {k: v.clone() for k, v in load_policy("embedded:tiny")[0].state_dict().items()}
+    cli = build_cli(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "recipes" / "grpo.yaml"),
+            *SMALL,
+            "--trainer.max_steps",
+            "2",
+            "--model.sampling.temperature",
+            "0",
+        ]
+    )
+    assert cli.trainer.global_step == 2
+    assert all(torch.equal(before[k], v) for k, v in cli.model.policy.state_dict().items())
+    assert _metrics(tmp_path / "mlflow.db")["budget/rollouts_nonzero_adv"] == [0.0, 0.0]
