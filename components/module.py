@@ -386,6 +386,8 @@ class PolicyModule(L.LightningModule):
                 # generation steps), so the earlier updates go straight through the strategy
                 # (which still applies the precision plugin, e.g. a grad scaler).
                 self.trainer.strategy.optimizer_step(opt.optimizer, closure=_no_closure, model=self)
+        if not stats:  # no row had a non-zero advantage: the loss was exactly 0
+            stats = {"loss/policy": [0.0], "loss/kl": [0.0], "policy/clip_frac": [0.0]}
         for k, v in stats.items():
             self._step_metrics[k] = sum(v) / len(v)
 

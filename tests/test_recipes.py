@@ -259,4 +259,5 @@ def test_all_zero_advantages_skip_the_update_and_still_count(tmp_path, monkeypat
     )
     assert cli.trainer.global_step == 2
     assert all(torch.equal(before[k], v) for k, v in cli.model.policy.state_dict().items())
-    assert _metrics(tmp_path / "mlflow.db")["budget/rollouts_nonzero_adv"] == [0.0, 0.0]
+    m = _metrics(tmp_path / "mlflow.db")
+    assert m["budget/rollouts_nonzero_adv"] == [0.0, 0.0] and m["loss/policy"] == [0.0, 0.0]

@@ -99,7 +99,7 @@ class GVMSampler(AllocationSampler):
         alpha, beta: the regulariser of the ratio's denominator.
         zero_budget_unsolved: give prompts with p = 0 a floor of 0 (GVM's behaviour).
         refresh_every: recompute a prompt's G when its cached value is this many steps old (``ctx.step``, the
-            trainer's global step, which counts optimizer steps).
+            trainer's global step: one per generation batch).
         grad_samples: accepted rollouts per prompt used for G (>= 1).
         decay: the EMA factor applied to a prompt's counts at each visit (1: cumulative, 0: this visit only).
     """
