@@ -573,18 +573,17 @@ class _SamplerView:
     """The :class:`~components.samplers.base.SamplingContext` a sampler sees: a narrow view of the module."""
 
     def __init__(self, module: PolicyModule) -> None:
-        self._m = module
         self.step = module.global_step
         self.module = module
 
     def sample(self, prompts: list[Prompt], n_each: list[int], contexts: list[list[int]] | None = None) -> list[list[Rollout]]:
-        return self._m.sample(prompts, n_each, contexts)
+        return self.module.sample(prompts, n_each, contexts)
 
     def context_of(self, prompt: Prompt) -> list[int]:
-        return self._m.context_of(prompt)
+        return self.module.context_of(prompt)
 
     def draw_prompts(self, k: int) -> list[Prompt]:
-        return self._m.draw_prompts(k)
+        return self.module.draw_prompts(k)
 
     def log(self, name: str, value: float) -> None:
-        self._m.log_metric(name, value)
+        self.module.log_metric(name, value)

@@ -12,6 +12,7 @@ from typing import Any
 
 import lightning as L
 
+from components.samplers.selection import population_std
 from components.types import Group
 
 
@@ -38,14 +39,6 @@ class ZeroVarianceFilter(SignalCallback):
         self.min_std = min_std
 
     def on_groups(self, groups: list[Group], module: Any) -> list[Group]:
-        kept = []
-        for g in groups:
-            rs = g.rewards
-            if len(rs) < 2:
-                continue
-            mean = sum(rs) / len(rs)
-            std = (sum((r - mean) ** 2 for r in rs) / len(rs)) ** 0.5
-            if std > self.min_std:
-                kept.append(g)
+        kept = [g for g in groups if g.size >= 2 and population_std(g.rewards) > self.min_std]
         module.log_metric("filter/dropped_frac", 1 - len(kept) / max(len(groups), 1))
         return kept
