@@ -1,7 +1,7 @@
 """Compare recipes at equal cost: recipes x seeds (x overlay sets), each run under the same drawn budget,
 tracked in MLflow, summarised as a table (markdown + CSV) and a plot of pass@1 against generated tokens.
 
-    python scripts/ablate.py --preset embedded --jobs 2                 # the embedded benchmark (~1 h)
+    python scripts/ablate.py --preset embedded --jobs 2                 # the embedded benchmark (~40 min idle, 2 cores)
     python scripts/ablate.py --preset smoke                             # 2 recipes x 2 seeds, tiny budget
     python scripts/ablate.py --recipes recipes/grpo.yaml recipes/dapo.yaml --seeds 0 1 2 \\
         --max-tokens 50000 --overlays configs/cpu-tiny.yaml -- --trainer.val_check_interval 5
@@ -28,20 +28,21 @@ the recipes or seeds, so re-running the same command skips every run already FIN
 ablate.py processes on one ablation at once.
 
 Embedded benchmark sizing (``--preset embedded``): measured 2026-11-23 on the project's 2-core
-machine, two single-thread runs side by side (``--jobs 2``) while other engineers' jobs kept the load
-average at ~3.5, on the embedded default (32 prompts x G=8 per step, 300 held-out items x 4 samples):
-  - GRPO draws 256 rollouts = ~1,055 generated tokens per step and takes ~2.1 s a step (generate
-    0.5 s, update 1.2 s, logging and Lightning the rest); a held-out eval takes ~1.5-3 s;
-  - each run has ~38 s of fixed cost: process start (imports, reasoning-gym pools) and teardown
-    ~30 s, plus the start and stop evals and checkpoints;
-  - so a run costs ~38 s + 2.0 s per 1k budget tokens for GRPO (50k tokens: 138 s measured), 2.5 s
-    for GVM (50k: 165 s), and 1.0-2.0 s for the other seven recipes (8k-token runs of all 8 recipes:
-    47-75 s each). Take 2.2 s per 1k tokens on average.
-  Budget 80,000 tokens (~76 GRPO steps, ~19.5k rollouts; eval every 8 steps, ~11 evals):
-  one run ≈ 38 + 80 x 2.2 ≈ 215 s. The 8 recipes of 2026-11-23 x 3 seeds = 24 runs / 2 jobs
-  x 215 s ≈ 43 min; 10 recipes ≈ 54 min; 12 ≈ 65 min. In general:
-  wall ≈ recipes x seeds x (38 s + 2.2 s x budget/1000) / jobs. Past ~11 recipes, pass --seeds 0 1
+machine, otherwise idle, two single-thread runs side by side (``--jobs 2``), on the embedded default
+(32 prompts x G=8 per step, 300 held-out items x 4 samples):
+  - GRPO draws 256 rollouts = ~1,055 generated tokens per step; an 80k-token run (76 steps,
+    11 evals) took 45 s end to end, of which ~8 s is process start and teardown;
+  - per 1k budget tokens: ~0.45 s for GRPO, Dr. GRPO and DynaMO, ~0.35 s for DAPO, Ada-Seq and PODS
+    (they skip zero-advantage rows in the update), ~0.9 s for GVM (its gradient-norm passes);
+    ~0.5 s on average;
+  - under load (another job's two processes on the same cores) everything is 3-4x slower.
+  Budget 320,000 tokens (~300 GRPO steps, ~78k rollouts; eval every 12 steps, ~26 evals):
+  one run ~ 10 s + 320 x 0.5 s ~ 170 s. The 9 recipes of 2026-11-23 x 3 seeds = 27 runs / 2 jobs
+  x 170 s ~ 40 min on an idle machine. In general:
+  wall ~ recipes x seeds x (10 s + 0.5 s x budget/1000) / jobs. Past ~12 recipes, pass --seeds 0 1
   or a smaller --max-tokens (the ablation id changes with the budget, so that is a new ablation).
+  At 80k tokens (the preset's first size) every recipe ended within 2 points of GRPO: too early
+  in the curve to separate methods, hence the larger budget.
 """
 
 from __future__ import annotations
@@ -64,10 +65,10 @@ PRESETS: dict[str, dict] = {
     "embedded": {
         "recipes": "recipes/*.yaml",
         "seeds": [0, 1, 2],
-        "budget": ab.Budget("tokens", 80_000),
+        "budget": ab.Budget("tokens", 320_000),
         "baseline": "recipes/grpo.yaml",
         "slice": "d2",  # the learnable slice of the embedded mix (1 digit: solved, 3 digits: never)
-        "extra": ["--trainer.val_check_interval", "8"],
+        "extra": ["--trainer.val_check_interval", "12"],
     },
     "smoke": {
         "recipes": ["recipes/grpo.yaml", "recipes/dr_grpo.yaml"],
