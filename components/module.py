@@ -336,11 +336,22 @@ class PolicyModule(L.LightningModule):
         return token_logprobs_and_entropy(resp_logits, ids[:, cw:], self.sampling.temperature or 1.0)
 
     @torch.no_grad()
+    def token_logprobs(
+        self, batch: TokenBatch, rows: torch.Tensor | None = None, model: torch.nn.Module | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token log-probs and entropies of ``rows`` (default: all) under ``model`` (default:
+        the policy as it is now), without gradients, in micro-batches. For signal callbacks that
+        need the current policy's view of the batch (e.g. DynaMO's entropy-based modulation)."""
+        model = self.policy if model is None else model
+        rows = torch.arange(batch.size) if rows is None else rows
+        if not len(rows):
+            empty = batch.response_mask[:0]
+            return empty.clone(), empty.clone()
+        parts = [self._forward_logprobs(model, batch, r) for r in rows.split(self.micro_batch_rows)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
     def _no_grad_logprobs(self, model: torch.nn.Module, batch: TokenBatch) -> torch.Tensor:
-        out = []
-        for rows in torch.arange(batch.size).split(self.micro_batch_rows):
-            out.append(self._forward_logprobs(model, batch, rows)[0])
-        return torch.cat(out)
+        return self.token_logprobs(batch, model=model)[0]
 
     def update(self, batch: TokenBatch) -> None:
         """PPO epochs x mini-batches of clipped-surrogate updates, with exact aggregation over
