@@ -30,7 +30,7 @@ from components.callbacks.base import SignalCallback
 from components.engine import HFEngine, RolloutEngine, SamplingParams
 from components.errors import ConfigError
 from components.losses import get_aggregation, get_policy_loss, kl_k3, token_logprobs_and_entropy
-from components.policy import encode_prompt, load_policy
+from components.policy import encode_messages, encode_prompt, load_policy
 from components.rewards import Reward, VerifierReward
 from components.samplers.base import FixedGroupSampler, Sampler
 from components.types import Group, Prompt, Rollout
@@ -230,6 +230,26 @@ class PolicyModule(L.LightningModule):
 
     def draw_prompts(self, k: int) -> list[Prompt]:
         return self.trainer.datamodule.draw(k)
+
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of a prompt text as the model sees it (chat template when it has one)."""
+        return encode_prompt(self.tokenizer, text, self.chat_template)
+
+    def generate_text(
+        self, conversations: list[list[dict[str, str]]], max_new_tokens: int, temperature: float = 1.0
+    ) -> list[str]:
+        """One free-text reply of the current policy per conversation (e.g. SAGE's self-written
+        hints). The tokens count in ``budget/tokens`` (and ``budget/aux_tokens``): compute a method
+        spends writing text is part of its cost."""
+        contexts = [encode_messages(self.tokenizer, c, self.chat_template) for c in conversations]
+        params = SamplingParams(temperature=temperature, top_p=self.sampling.top_p, max_new_tokens=max_new_tokens)
+        params.validate("generate_text")
+        outs = self.engine.generate(contexts, [1] * len(contexts), params)
+        n_tok = sum(len(r.token_ids) for rs in outs for r in rs)
+        m = self._step_metrics
+        m["budget/tokens"] = m.get("budget/tokens", 0) + n_tok
+        m["budget/aux_tokens"] = m.get("budget/aux_tokens", 0) + n_tok
+        return [rs[0].text for rs in outs]
 
     def log_metric(self, name: str, value: float) -> None:
         self._step_metrics[name] = float(value)
@@ -595,6 +615,14 @@ class _SamplerView:
 
     def draw_prompts(self, k: int) -> list[Prompt]:
         return self.module.draw_prompts(k)
+
+    def encode(self, text: str) -> list[int]:
+        return self.module.encode_text(text)
+
+    def generate_text(
+        self, conversations: list[list[dict[str, str]]], max_new_tokens: int, temperature: float = 1.0
+    ) -> list[str]:
+        return self.module.generate_text(conversations, max_new_tokens, temperature)
 
     def log(self, name: str, value: float) -> None:
         self.module.log_metric(name, value)

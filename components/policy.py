@@ -128,11 +128,16 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str, chat_template: 
     With a chat template (real instruct models) the prompt is the user turn plus the generation
     prompt; without one (the embedded char model) it is BOS + the text.
     """
+    return encode_messages(tokenizer, [{"role": "user", "content": text}], chat_template)
+
+
+def encode_messages(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], chat_template: bool | None = None
+) -> list[int]:
+    """Token ids of a conversation ending in a generation prompt (chat template), or, for a model
+    without one, BOS + the messages' contents joined by blank lines."""
     use_chat = bool(getattr(tokenizer, "chat_template", None)) if chat_template is None else chat_template
     if use_chat:
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False
-        )
-        return list(ids)
-    ids = tokenizer(text, add_special_tokens=False).input_ids
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+    ids = tokenizer("\n\n".join(m["content"] for m in messages), add_special_tokens=False).input_ids
     return ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + list(ids)

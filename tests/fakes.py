@@ -37,6 +37,9 @@ class ScriptedContext:
         self.drawn: dict[str, int] = defaultdict(int)
         self.metrics: dict[str, float] = {}
         self.module = None
+        self.encoded: list[str] = []  # texts passed to encode()
+        self.replies: list[str] = []  # scripted generate_text() replies
+        self.conversations: list[list[dict[str, str]]] = []
 
     def _reward(self, uid: str) -> float:
         if uid in self.scripts:
@@ -74,6 +77,20 @@ class ScriptedContext:
         if len(self.extra) < k:
             raise AssertionError("ScriptedContext ran out of extra prompts")
         out, self.extra = self.extra[:k], self.extra[k:]
+        return out
+
+    def encode(self, text: str) -> list[int]:
+        self.encoded.append(text)
+        return [0] * (len(text) + 1)
+
+    def generate_text(
+        self, conversations: list[list[dict[str, str]]], max_new_tokens: int, temperature: float = 1.0
+    ) -> list[str]:
+        """Replies popped from ``self.replies`` in order (a test scripts what the 'policy' writes)."""
+        self.conversations.extend(conversations)
+        if len(self.replies) < len(conversations):
+            raise AssertionError("ScriptedContext ran out of scripted text replies")
+        out, self.replies = self.replies[: len(conversations)], self.replies[len(conversations) :]
         return out
 
     def log(self, name: str, value: float) -> None:

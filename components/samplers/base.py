@@ -31,6 +31,14 @@ class SamplingContext(Protocol):
     def draw_prompts(self, k: int) -> list[Prompt]:
         """``k`` further training prompts from the data stream."""
 
+    def encode(self, text: str) -> list[int]:
+        """Token ids of a prompt text as the model sees it (e.g. a prompt with a hint added)."""
+
+    def generate_text(
+        self, conversations: list[list[dict[str, str]]], max_new_tokens: int, temperature: float = 1.0
+    ) -> list[str]:
+        """One free-text reply of the current policy per conversation (counted in the token budget)."""
+
     def log(self, name: str, value: float) -> None:
         """Log a method metric for this step (use the method's own prefix)."""
 
