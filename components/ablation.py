@@ -711,15 +711,22 @@ def plot(
     metrics = [b.metric for b in rows[0].blocks] if rows else [PASS_AT_1]
     fig, axes = plt.subplots(1, len(metrics), figsize=(6.5 * len(metrics), 4.5), squeeze=False)
     grid = common_grid(results, budget.kind, budget.value)
+    # Past 10 recipes the default colour cycle repeats: tab20's dark shades first, then its light
+    # shades dashed, keep them apart.
+    if len(rows) <= 10:
+        styles = [(plt.get_cmap("tab10")(i), "-") for i in range(len(rows))]
+    else:
+        styles = [(plt.get_cmap("tab20")((2 * i) % 20 + (i // 10) % 2), "-" if i % 20 < 10 else "--") for i in range(len(rows))]
     for ax, metric in zip(axes[0], metrics):
-        for row in rows:
+        for (color, ls), row in zip(styles, rows):
             curves = [r.curves[metric] for r in results if r.group == (row.variant, row.recipe) and metric in r.curves]
             if not curves:
                 continue
             mc = mean_curve(curves, budget.kind, grid)
             lo, hi = (mc["min"], mc["max"]) if band == "minmax" else (mc["mean"] - mc["std"], mc["mean"] + mc["std"])
-            (line,) = ax.plot(grid, mc["mean"], lw=2.2 if row.is_baseline else 1.5, label=f"{row.label} (n={len(curves)})")
-            ax.fill_between(grid, lo, hi, color=line.get_color(), alpha=0.15, lw=0)
+            label = f"{row.label} (n={len(curves)})"
+            ax.plot(grid, mc["mean"], color=color, ls=ls, lw=2.4 if row.is_baseline else 1.4, label=label)
+            ax.fill_between(grid, lo, hi, color=color, alpha=0.12, lw=0)
         target = next((b.target for b in rows[0].blocks if b.metric == metric), None) if rows else None
         if target is not None:
             ax.axhline(target, color="grey", ls=":", lw=1)
@@ -727,7 +734,7 @@ def plot(
         ax.set_xlabel(f"cumulative generated {budget.kind}")
         ax.set_ylabel(f"held-out {_metric_name(metric)}")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7 if len(rows) > 8 else 8, ncol=2 if len(rows) > 8 else 1, loc="lower right")
     band_name = "min–max" if band == "minmax" else "±std"
     fig.suptitle(f"{title} (mean over seeds, band: {band_name})" if title else f"mean over seeds, band: {band_name}")
     fig.tight_layout()
