@@ -225,7 +225,7 @@ class PolicyModule(L.LightningModule):
     def context_of(self, prompt: Prompt) -> list[int]:
         ctx = self._context_cache.get(prompt.uid)
         if ctx is None:
-            ctx = self._context_cache[prompt.uid] = encode_prompt(self.tokenizer, prompt.text, self.chat_template)
+            ctx = self._context_cache[prompt.uid] = self.encode_text(prompt.text)
         return ctx
 
     def draw_prompts(self, k: int) -> list[Prompt]:
@@ -246,9 +246,7 @@ class PolicyModule(L.LightningModule):
         params.validate("generate_text")
         outs = self.engine.generate(contexts, [1] * len(contexts), params)
         n_tok = sum(len(r.token_ids) for rs in outs for r in rs)
-        m = self._step_metrics
-        m["budget/tokens"] = m.get("budget/tokens", 0) + n_tok
-        m["budget/aux_tokens"] = m.get("budget/aux_tokens", 0) + n_tok
+        self._add_metrics({"budget/tokens": n_tok, "budget/aux_tokens": n_tok})
         return [rs[0].text for rs in outs]
 
     def log_metric(self, name: str, value: float) -> None:
@@ -268,13 +266,22 @@ class PolicyModule(L.LightningModule):
             hist[0] += len(rs)
             hist[1] += sum(r.passed for r in rs)
         t2 = time.perf_counter()
-        m = self._step_metrics
-        m["budget/rollouts"] = m.get("budget/rollouts", 0) + sum(len(rs) for rs in outs)
-        m["budget/tokens"] = m.get("budget/tokens", 0) + sum(len(r.token_ids) for rs in outs for r in rs)
-        m["_reward_sum"] = m.get("_reward_sum", 0) + sum(r.reward for rs in outs for r in rs)
-        m["time/generate_s"] = m.get("time/generate_s", 0) + t1 - t0
-        m["time/score_s"] = m.get("time/score_s", 0) + t2 - t1
+        self._add_metrics(
+            {
+                "budget/rollouts": sum(len(rs) for rs in outs),
+                "budget/tokens": sum(len(r.token_ids) for rs in outs for r in rs),
+                "_reward_sum": sum(r.reward for rs in outs for r in rs),
+                "time/generate_s": t1 - t0,
+                "time/score_s": t2 - t1,
+            }
+        )
         return outs
+
+    def _add_metrics(self, amounts: dict[str, float]) -> None:
+        """Accumulate per-step sums (a step may call ``sample`` / ``generate_text`` many times)."""
+        m = self._step_metrics
+        for k, v in amounts.items():
+            m[k] = m.get(k, 0) + v
 
     # ---- the training step --------------------------------------------------------------------
     def training_step(self, prompts: list[Prompt], batch_idx: int) -> None:
@@ -370,9 +377,6 @@ class PolicyModule(L.LightningModule):
         parts = [self._forward_logprobs(model, batch, r) for r in rows.split(self.micro_batch_rows)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
-    def _no_grad_logprobs(self, model: torch.nn.Module, batch: TokenBatch) -> torch.Tensor:
-        return self.token_logprobs(batch, model=model)[0]
-
     def update(self, batch: TokenBatch) -> None:
         """PPO epochs x mini-batches of clipped-surrogate updates, with exact aggregation over
         micro-batches.
@@ -389,9 +393,9 @@ class PolicyModule(L.LightningModule):
         runs = (batch.advantages != 0).any(-1).cpu() if skip else torch.ones(n, dtype=torch.bool)
         reuse = self.ppo_epochs > 1 or self.num_minibatches > 1
         if reuse:
-            batch.old_logprobs = self._no_grad_logprobs(self.policy, batch)
+            batch.old_logprobs = self.token_logprobs(batch)[0]
         if self.ref_policy is not None:
-            batch.ref_logprobs = self._no_grad_logprobs(self.ref_policy, batch)
+            batch.ref_logprobs = self.token_logprobs(batch, model=self.ref_policy)[0]
         mask = batch.response_mask
         norm_len = lc.norm_len or self.sampling.max_new_tokens
         stats: dict[str, list[float]] = defaultdict(list)
