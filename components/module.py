@@ -80,6 +80,7 @@ class TokenBatch:
     group: torch.Tensor  # (N,) group index
     rewards: torch.Tensor  # (N,)
     group_weight: torch.Tensor  # (N,) prompt weight w(p) of each rollout's group
+    row_weight: torch.Tensor  # (N,) per-rollout weight (Rollout.weight), 1 unless a sampler sets it
     baseline: torch.Tensor  # (G,) per-group baseline, NaN = estimator's own
     sampling_logprobs: torch.Tensor  # (N, R) from the engine
     advantages: torch.Tensor | None = None  # (N, R) per token
@@ -335,20 +336,21 @@ class PolicyModule(L.LightningModule):
             group=torch.tensor([gi for gi, _, _ in rows]),
             rewards=torch.tensor([r.reward for _, _, r in rows], dtype=torch.float),
             group_weight=torch.tensor([groups[gi].weight for gi, _, _ in rows], dtype=torch.float),
+            row_weight=torch.tensor([r.weight for _, _, r in rows], dtype=torch.float),
             baseline=torch.tensor([math.nan if g.baseline is None else g.baseline for g in groups], dtype=torch.double),
             sampling_logprobs=slp.to(self.device),
         )
 
     def compute_advantages(self, batch: TokenBatch) -> torch.Tensor:
         """Sequence advantages (a pure function of rewards, group index, baselines), times the
-        group weight, broadcast to the response tokens."""
+        group weight and the rollout's own weight, broadcast to the response tokens."""
         a = self.adv_cfg
         seq = self.advantage_fn(
             batch.rewards, batch.group, baseline=batch.baseline, std=a.std, eps=a.eps, normalize_std=a.normalize_std
         )
         if not torch.isfinite(seq).all():
             raise RuntimeError(f"non-finite advantages from estimator {a.name!r}: rewards={batch.rewards.tolist()}")
-        seq = seq * batch.group_weight
+        seq = seq * batch.group_weight * batch.row_weight
         return seq.to(self.device).unsqueeze(1) * batch.response_mask
 
     def _forward_logprobs(

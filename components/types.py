@@ -49,6 +49,9 @@ class Rollout:
     finished: bool  # ended with EOS (False: cut at max_new_tokens)
     reward: float = 0.0
     passed: bool = False
+    # Per-rollout weight multiplying this rollout's advantage (beside the group's prompt weight),
+    # e.g. the inverse of its selection probability after label-dependent down-sampling.
+    weight: float = 1.0
 
 
 @dataclass
