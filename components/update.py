@@ -51,6 +51,9 @@ class LossConfig:
     kl_coef: float = 0.0  # > 0 keeps a frozen reference copy of the policy (k3 estimator)
     entropy_coef: float = 0.0
     norm_len: int | None = None  # seq-mean-token-sum-norm divisor; default: max_new_tokens
+    # Truncated importance sampling: multiply each token's policy-gradient term by
+    # min(exp(old - sampling log-prob), tis_cap) (TRL / verl use 2-3). None: off.
+    tis_cap: float | None = None
 
 
 @dataclass
@@ -148,16 +151,77 @@ def compute_advantages(batch: TokenBatch, advantage_fn: Callable[..., torch.Tens
 
 
 def forward_logprobs(
-    model: torch.nn.Module, batch: TokenBatch, rows: torch.Tensor, temperature: float = 1.0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log-probs and entropies of the response tokens of ``rows`` under ``model``."""
-    ids, att = batch.input_ids[rows], batch.attention_mask[rows]
-    pos = (att.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=ids, attention_mask=att, position_ids=pos).logits
-    cw = batch.context_width
-    # Logits at position t predict token t+1: the response starts at cw.
-    resp_logits = logits[:, cw - 1 : -1]
-    return token_logprobs_and_entropy(resp_logits, ids[:, cw:], temperature or 1.0)
+    model: torch.nn.Module,
+    batch: TokenBatch,
+    rows: torch.Tensor,
+    temperature: float = 1.0,
+    shared_prompt: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Per-token log-probs and entropies ``(len(rows), R)`` of the response tokens of ``rows``
+    under ``model``, and the number of tokens the forward pass processed.
+
+    Columns that no row of ``rows`` uses (context padding on the left, response padding on the
+    right) are cut before the forward and the outputs padded back with zeros, and the output head
+    runs on response positions only. With ``shared_prompt`` the context of each group in ``rows``
+    is forwarded once (see :func:`shared_prompt_logits`); otherwise every row is forwarded whole.
+    """
+    cw, rw = batch.context_width, batch.response_mask.shape[1]
+    att = batch.attention_mask[rows]
+    c0 = cw - int(att[:, :cw].sum(-1).max())  # first context column any row uses
+    r1 = max(int(att[:, cw:].sum(-1).max()), 1)  # widest response among the rows
+    ids, att = batch.input_ids[rows][:, c0 : cw + r1], att[:, c0 : cw + r1]
+    c = cw - c0
+    if shared_prompt:
+        logits, n_tok = shared_prompt_logits(model, ids, att, c, batch.group[rows])
+    else:
+        pos = (att.cumsum(-1) - 1).clamp(min=0)
+        # Logits at position t predict token t+1: the response's are at c - 1 ... c + r1 - 2.
+        logits = model(input_ids=ids, attention_mask=att, position_ids=pos, logits_to_keep=r1 + 1).logits[:, :-1]
+        n_tok = int(att.sum())
+    logp, ent = token_logprobs_and_entropy(logits, ids[:, c:], temperature or 1.0)
+    if r1 < rw:
+        logp, ent = (torch.nn.functional.pad(x, (0, rw - r1)) for x in (logp, ent))
+    return logp, ent, n_tok
+
+
+def shared_prompt_logits(
+    model: torch.nn.Module, ids: torch.Tensor, att: torch.Tensor, c: int, group: torch.Tensor
+) -> tuple[torch.Tensor, int]:
+    """Logits predicting each response token, forwarding each group's shared context once.
+
+    ``ids``/``att`` are ``(n, c + r)`` rows (left-padded context of width ``c``, right-padded
+    response); rows of one ``group`` share their context (``build_batch`` gives every rollout of a
+    group the group's ``context_ids``). One forward over the distinct contexts, with gradient,
+    fills a KV cache; the cache is indexed out to the rows (its backward sums each row's gradient
+    into its group's context), and the responses are forwarded on top of it. The result equals the
+    plain forward's up to float rounding (``tests/test_update.py``), for a fraction of the work
+    when responses are short next to contexts. Returns ``(n, r, V)`` logits and the tokens forwarded.
+    """
+    g = group.to("cpu")
+    uniq, inv = torch.unique(g, return_inverse=True)
+    first = torch.empty(len(uniq), dtype=torch.long).scatter_(0, inv, torch.arange(len(g)))
+    inv, first = inv.to(ids.device), first.to(ids.device)
+    p_ids, p_att = ids[first, :c], att[first, :c]
+    p_pos = (p_att.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=p_ids, attention_mask=p_att, position_ids=p_pos, use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    cache.batch_select_indices(inv)
+    r = ids.shape[1] - c
+    r_pos = p_att.sum(-1, keepdim=True)[inv] + torch.arange(r, device=ids.device)
+    logits = model(input_ids=ids[:, c:], attention_mask=att, position_ids=r_pos, past_key_values=cache).logits
+    logits = torch.cat([out.logits[:, -1:][inv], logits[:, :-1]], 1)
+    return logits, int(p_att.sum()) + int(att[:, c:].sum())
+
+
+def truncated_is_weight(old_logp: torch.Tensor, sampling_logp: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance-sampling weight ``min(exp(old - sampling), cap)`` per token, detached.
+
+    Corrects for the engine sampling from a slightly different distribution than the trainer's
+    (vLLM's kernels, bf16): the policy-gradient term of each token is multiplied by it (TRL's
+    ``vllm_importance_sampling_correction``, verl's TIS). ``old`` is the trainer's log-prob of
+    the token before the update, ``sampling`` the engine's.
+    """
+    return torch.exp((old_logp - sampling_logp).detach()).clamp(max=cap)
 
 
 def minibatch_schedule(n: int, ppo_epochs: int, num_minibatches: int) -> list[torch.Tensor]:
@@ -174,18 +238,41 @@ def minibatch_schedule(n: int, ppo_epochs: int, num_minibatches: int) -> list[to
     return out
 
 
+class _GapStats:
+    """|engine sampling log-prob - trainer log-prob| over response tokens, before any update."""
+
+    def __init__(self) -> None:
+        self.max, self.sum, self.count = 0.0, 0.0, 0.0
+
+    def add(self, trainer_logp: torch.Tensor, sampling_logp: torch.Tensor, mask: torch.Tensor) -> None:
+        gap = (trainer_logp.detach() - sampling_logp).abs() * mask
+        self.max = max(self.max, float(gap.max())) if gap.numel() else self.max
+        self.sum += float(gap.sum())
+        self.count += float(mask.sum())
+
+    def metrics(self) -> dict[str, float]:
+        return {"rollout/logprob_gap_max": self.max, "rollout/logprob_gap_mean": self.sum / max(self.count, 1.0)}
+
+
 class Updater:
     """PPO epochs x mini-batches of clipped-surrogate updates with exact aggregation over
     micro-batches.
 
     Each mini-batch is one optimizer update; its aggregate's denominators (tokens, or sequences)
     are those of the whole mini-batch, and every micro-batch contributes its share, so the
-    accumulated gradient equals one forward/backward over the mini-batch.
+    accumulated gradient equals one forward/backward over the mini-batch. Old log-probs are
+    recorded once per generation batch, before the first update, when there is more than one.
 
     Rows whose advantage is zero on every token have exactly zero policy-loss gradient, so when
     there is no KL or entropy term (which would give them one) they are left out of the
     forward/backward pass (``skip_zero_advantage``), while still counting in the denominators: the
-    same gradient for a fraction of the compute.
+    same gradient for a fraction of the compute. Skipped rows never reach
+    :meth:`~components.callbacks.base.SignalCallback.on_micro_batch`.
+
+    Logs ``rollout/logprob_gap_max`` / ``_mean`` (the engine's sampling log-probs against the
+    trainer's before any update: over every row when old log-probs are recorded, else over the
+    rows that are forwarded) and, with ``loss.tis_cap``, ``rollout/tis_weight_mean`` and
+    ``rollout/tis_capped_frac``.
     """
 
     def __init__(
@@ -207,15 +294,20 @@ class Updater:
         """More than one update per generation batch: old log-probs must be recorded first."""
         return self.ppo_epochs > 1 or self.num_minibatches > 1
 
-    def run(self, batch: TokenBatch, module: Any) -> dict[str, float]:
-        """All updates of one generation batch; returns the step's loss/policy metrics."""
+    def run(self, batch: TokenBatch, module: Any, callbacks: list[Any] = ()) -> dict[str, float]:
+        """All updates of one generation batch; returns the step's loss, policy and cost metrics.
+
+        ``callbacks``: signal callbacks whose ``on_micro_batch`` sees every forwarded micro-batch.
+        """
         lc = self.loss_cfg
         opt = module.optimizers()
         n = batch.size
         skip = self.skip_zero_advantage and lc.kl_coef == 0 and lc.entropy_coef == 0
         runs = (batch.advantages != 0).any(-1).cpu() if skip else torch.ones(n, dtype=torch.bool)
+        gap = _GapStats()
         if self.reuses_batch:
             batch.old_logprobs = module.token_logprobs(batch)[0]
+            gap.add(batch.old_logprobs, batch.sampling_logprobs, batch.response_mask)
         if module.ref_policy is not None:
             batch.ref_logprobs = module.token_logprobs(batch, model=module.ref_policy)[0]
         mask = batch.response_mask
@@ -228,12 +320,15 @@ class Updater:
             opt.zero_grad(set_to_none=True)
             to_run = mb[runs[mb]]
             for rows in to_run.split(self.micro_batch_rows) if len(to_run) else ():  # split() of nothing gives one empty chunk
-                loss = self.micro_loss(module, batch, rows, tok_den, seq_den, norm_len, stats)
+                loss = self.micro_loss(module, batch, rows, tok_den, seq_den, norm_len, stats, gap, callbacks)
                 module.manual_backward(loss)
             module.optimizer_update(opt, last=update == len(minibatches))
         if not stats:  # no row had a non-zero advantage: the loss was exactly 0
             stats = {"loss/policy": [0.0], "loss/kl": [0.0], "policy/clip_frac": [0.0]}
-        return {k: sum(v) / len(v) for k, v in stats.items()}
+        out = {k: sum(v) / len(v) for k, v in stats.items()}
+        out.update(gap.metrics())
+        out["budget/optimizer_steps"] = float(len(minibatches))
+        return out
 
     def micro_loss(
         self,
@@ -244,14 +339,26 @@ class Updater:
         seq_den: torch.Tensor,
         norm_len: int,
         stats: dict[str, list[float]],
+        gap: _GapStats | None = None,
+        callbacks: list[Any] = (),
     ) -> torch.Tensor:
         """This micro-batch's share of its mini-batch's loss (backward of the sum of shares is exact)."""
         lc = self.loss_cfg
         logp, entropy = module._forward_logprobs(module.policy, batch, rows)
         mask = batch.response_mask[rows]
         adv = batch.advantages[rows]
-        old = batch.old_logprobs[rows] if batch.old_logprobs is not None else logp.detach()
+        if batch.old_logprobs is not None:
+            old = batch.old_logprobs[rows]
+        else:  # one update per batch: the policy has not moved yet, so its log-probs are the old ones
+            old = logp.detach()
+            if gap is not None:
+                gap.add(old, batch.sampling_logprobs[rows], mask)
+        for cb in callbacks:  # per-micro-batch reshaping with the real ratio (DynaMO's authors' form)
+            adv = cb.on_micro_batch(logp.detach(), old, entropy.detach(), adv, mask, module)
         pg, info = self.policy_loss(logp, old, adv, mask, clip_low=lc.clip_low, clip_high=lc.clip_high, dual_clip=lc.dual_clip)
+        if lc.tis_cap is not None:
+            w = truncated_is_weight(old, batch.sampling_logprobs[rows], lc.tis_cap)
+            pg = pg * w
         total = pg
         kl = None
         if batch.ref_logprobs is not None:
@@ -270,4 +377,7 @@ class Updater:
             stats["policy/dual_clip_frac"].append(float((info["dual_clipped"] * mask).sum() / ntok))
             stats["policy/ratio_mean"].append(float((info["ratio"] * mask).sum() / ntok))
             stats["loss/kl"].append(float((kl * mask).sum() / ntok) if kl is not None else 0.0)
+            if lc.tis_cap is not None:
+                stats["rollout/tis_weight_mean"].append(float((w * mask).sum() / ntok))
+                stats["rollout/tis_capped_frac"].append(float(((w >= lc.tis_cap) * mask).sum() / ntok))
         return loss

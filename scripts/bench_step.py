@@ -6,10 +6,12 @@ each phase's share of the step:
 
     python scripts/bench_step.py                       # recipes/grpo.yaml, 20 steps after 3 warm-up
     python scripts/bench_step.py --recipe recipes/dapo.yaml --steps 30
+    python scripts/bench_step.py -- --model.shared_prompt false     # anything after -- goes to the CLI
 
-Phases: generate (engine), scoring (verifier), log-prob forward (policy forward in the loss,
-including reference/old-log-prob passes), backward, optimizer (step + zero_grad + grad clip),
-everything else (sampler logic, batching, advantages, metrics, Lightning overhead).
+Phases: generate (engine), scoring (verifier), log-prob forward (every policy forward outside
+generation: the loss's, old/reference log-prob passes, auxiliary passes such as GVM's gradient norms),
+backward, optimizer (step + zero_grad + grad clip; every mini-batch update), everything else (sampler
+logic, batching, advantages, metrics, Lightning overhead).
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ def main() -> None:
     ap.add_argument("--recipe", default=str(ROOT / "recipes" / "grpo.yaml"))
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("cli_args", nargs="*", help="extra curate-rl CLI arguments (after --)")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from components.cli import build_cli
@@ -96,6 +99,7 @@ def main() -> None:
                 "100000",
                 "--trainer.enable_progress_bar",
                 "false",
+                *args.cli_args,
             ],
             run=False,
         )

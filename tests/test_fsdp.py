@@ -55,3 +55,9 @@ def test_fsdp2_two_process_fit_and_resume(tmp_path):
     con = sqlite3.connect(tmp_path / "mlflow.db")
     steps = [s for (s,) in con.execute("select step from metrics where key = 'loss/policy' order by step")]
     assert steps and max(steps) == 2  # steps 0, 1 in the first run, step 2 after resuming
+    # Budget metrics are the run's: each of the 2 ranks draws 4 prompts x G=8 = 32 rollouts a step,
+    # and the logged count is the sum over ranks (rank 0 alone would log 32).
+    drawn = {s: v for s, v in con.execute("select step, value from metrics where key = 'budget/rollouts'")}
+    assert set(drawn.values()) == {64.0}, drawn
+    cum = dict(con.execute("select step, value from metrics where key = 'budget/cum_rollouts'"))
+    assert cum[2] == 3 * 64.0  # the cumulative budget resumed from the checkpoint and kept summing

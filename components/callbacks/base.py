@@ -1,8 +1,10 @@
-"""Signal callbacks: Lightning callbacks with two extra hooks that the policy module calls.
+"""Signal callbacks: Lightning callbacks with three extra hooks that the policy module calls.
 
 ``on_groups`` filters or re-weights whole groups after sampling and scoring; ``on_advantages``
-reshapes per-token advantages before the loss. They run in the order they appear in
-``trainer.callbacks``. Being Lightning callbacks, they also get every lifecycle hook and have their
+reshapes per-token advantages before the loss, once per generation batch; ``on_micro_batch``
+reshapes them inside the update, once per forwarded micro-batch of every mini-batch update, with
+the policy's current log-probs (so with the real ratio pi / pi_old when a batch feeds several
+updates). They run in the order they appear in ``trainer.callbacks``. Being Lightning callbacks, they also get every lifecycle hook and have their
 ``state_dict`` saved in checkpoints.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
+import torch
 
 from components.samplers.selection import population_std
 from components.types import Group
@@ -23,8 +26,30 @@ class SignalCallback(L.Callback):
         return groups
 
     def on_advantages(self, batch: Any, module: Any) -> None:
-        """``batch`` is a :class:`components.module.TokenBatch`; modify ``batch.advantages`` in place."""
+        """``batch`` is a :class:`components.update.TokenBatch`; modify ``batch.advantages`` in place."""
         return None
+
+    def on_micro_batch(
+        self,
+        logp: torch.Tensor,
+        old_logp: torch.Tensor,
+        entropy: torch.Tensor,
+        advantages: torch.Tensor,
+        mask: torch.Tensor,
+        module: Any,
+    ) -> torch.Tensor:
+        """Per-token advantages for this micro-batch's loss; return them (default: unchanged).
+
+        All tensors are ``(rows, R)`` over response tokens: ``logp`` and ``entropy`` the policy's
+        now (detached, at the sampling temperature), ``old_logp`` the log-probs recorded before the
+        batch's first update (equal to ``logp`` with one update per batch), so ``exp(logp -
+        old_logp)`` is the ratio the loss sees; ``mask`` 1 on response tokens. Return a new tensor
+        rather than editing ``advantages`` in place (it is a view of the batch's). Called inside
+        the gradient computation: the returned advantages must not require grad. With
+        ``skip_zero_advantage`` on, rows whose advantages are all zero are never forwarded and so
+        never reach this hook.
+        """
+        return advantages
 
 
 class ZeroVarianceFilter(SignalCallback):

@@ -1,0 +1,245 @@
+"""Step time of curate-rl's GRPO step against TRL's GRPOTrainer, same model, batch and schedule.
+
+Both sides train the embedded tiny Llama (char tokenizer, identical prompt token ids: TRL gets
+``"<bos>" + text``) on the same prompts (16 per step x G = 8 rollouts, ``--new-tokens`` new tokens,
+temperature 1, no KL, GRPO advantage and seq-mean-token-mean loss, one torch thread, zero-advantage
+rows not skipped) with the same update schedule: one generation batch feeds ``--minibatches``
+optimizer updates (TRL: ``steps_per_generation``). A "step" is one generation batch on both sides
+(TRL: ``steps_per_generation`` optimizer steps). Runs alternate between the sides in blocks
+(``--rounds`` x ``--steps`` steps each, the first ``--warmup`` steps of a block untimed) so
+that load from other processes hits both alike; the script prints per-phase medians and the ratio.
+
+    pip install -e ".[bench]"      # TRL 1.16.0 (an optional benchmark dependency)
+    python scripts/bench_vs_trl.py --new-tokens 8
+    python scripts/bench_vs_trl.py --new-tokens 32 --minibatches 4
+
+Phases: generate (HF ``generate``), scoring (the same verifier on both sides), forward (every
+policy forward outside generation: old log-probs and the loss), backward, optimizer (step +
+zero_grad + gradient clipping), other (the rest: batching, advantages, metrics, the framework's loop).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PHASES = ["generate", "scoring", "forward", "backward", "optimizer"]
+
+
+class Phases:
+    """Accumulates wall time per phase between ``mark`` calls (one per step)."""
+
+    def __init__(self) -> None:
+        self.cur: dict[str, float] = defaultdict(float)
+        self.steps: list[dict[str, float]] = []
+        self.t_start: float | None = None
+
+    def wrap(self, obj: object, name: str, phase: str) -> None:
+        fn = getattr(obj, name)
+
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.cur[phase] += time.perf_counter() - t0
+
+        setattr(obj, name, timed)
+
+    def mark(self, record: bool) -> None:
+        """A step boundary: close the running step (kept if ``record``), open the next."""
+        now = time.perf_counter()
+        if self.t_start is not None and record:
+            step = dict(self.cur)
+            step["total"] = now - self.t_start
+            self.steps.append(step)
+        self.cur = defaultdict(float)
+        self.t_start = now
+
+
+def run_ours(args: argparse.Namespace, phases: Phases, n_steps: int, seed: int) -> None:
+    from components.cli import build_cli
+
+    class Clock(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            phases.mark(record=trainer.global_step > args.warmup)
+
+        def on_train_end(self, trainer, pl_module) -> None:
+            phases.mark(record=True)
+            phases.t_start = None
+
+        def on_train_start(self, trainer, pl_module) -> None:
+            opt = trainer.optimizers[0]
+            for name in ("step", "zero_grad"):
+                phases.wrap(opt, name, "optimizer")
+            phases.wrap(pl_module, "clip_gradients", "optimizer")
+
+    cli = build_cli(
+        [
+            "--config", str(ROOT / "recipes" / "grpo.yaml"),
+            "--seed_everything", str(seed),
+            "--trainer.max_steps", str(n_steps),
+            "--trainer.logger", "false",
+            "--trainer.val_check_interval", "100000",
+            "--trainer.enable_progress_bar", "false",
+            "--checkpoint.every_n_train_steps", "100000",
+            "--data.batch_size", "16",
+            "--model.sampler.init_args.group_size", "8",
+            "--model.sampling.max_new_tokens", str(args.new_tokens),
+            "--model.sampling.temperature", "1.0",
+            "--model.num_minibatches", str(args.minibatches),
+            "--model.ppo_epochs", "1",
+            "--model.micro_batch_rows", "512",
+            "--model.skip_zero_advantage", "false",
+            "--model.shared_prompt", str(args.shared_prompt).lower(),
+            "--model.loss.kl_coef", "0.0",
+            "--model.eval.at_start", "false",
+            "--model.export_dir", "null",
+            "--model.log_completions_every_n_steps", "0",
+        ],
+        run=False,
+    )  # fmt: skip
+    m = cli.model
+    phases.wrap(m.engine, "generate", "generate")
+    phases.wrap(m.reward, "score", "scoring")
+    phases.wrap(m, "_forward_logprobs", "forward")
+    phases.wrap(m, "manual_backward", "backward")
+    cli.trainer.callbacks.append(Clock())
+    cli.trainer.fit(m, datamodule=cli.datamodule)
+
+
+def run_trl(args: argparse.Namespace, phases: Phases, n_steps: int, seed: int, tmp: str) -> None:
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from components.data import PromptDataModule
+    from components.policy import load_policy
+    from components.rewards import VerifierReward
+    from components.types import Rollout
+
+    dm = PromptDataModule(batch_size=16)
+    dm.setup("fit")
+    reward = VerifierReward()
+    reward.setup(dm, args.new_tokens)
+    pool = {p.uid: p for p in dm.train_pool.prompts}
+    # The same weighted stream of prompts our data module serves.
+    rows = [{"prompt": "<bos>" + p.text, "uid": p.uid} for p in dm.draw(16 * (n_steps + 1))]
+
+    def verifier(prompts, completions, uid, **_):
+        out = []
+        for c, u in zip(completions, uid):
+            r = Rollout(token_ids=[], logprobs=[], text=c, finished=True)
+            reward.score(pool[u], [r])
+            out.append(r.reward)
+        return out
+
+    model, tok = load_policy("embedded:tiny")
+    s = args.minibatches
+    cfg = GRPOConfig(
+        output_dir=tmp,
+        use_cpu=True,
+        seed=seed,
+        max_steps=n_steps * s,
+        per_device_train_batch_size=128 // s,
+        gradient_accumulation_steps=1,
+        steps_per_generation=s,
+        num_generations=8,
+        num_iterations=1,
+        max_completion_length=args.new_tokens,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        learning_rate=1e-4,
+        adam_beta2=0.98,
+        weight_decay=0.0,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        max_grad_norm=1.0,
+        beta=0.0,
+        epsilon=0.2,
+        loss_type="grpo",
+        scale_rewards="group",
+        logging_steps=10_000,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        log_completions=False,
+    )
+    trainer = GRPOTrainer(
+        model=model, reward_funcs=[verifier], args=cfg, train_dataset=Dataset.from_list(rows), processing_class=tok
+    )
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, a, state, control, optimizer=None, **kw):
+            phases.wrap(optimizer, "step", "optimizer")
+            phases.wrap(optimizer, "zero_grad", "optimizer")
+
+        def on_step_begin(self, a, state, control, **kw):
+            if state.global_step % s == 0:  # a generation batch starts
+                phases.mark(record=state.global_step // s > args.warmup)
+
+        def on_train_end(self, a, state, control, **kw):
+            phases.mark(record=True)
+            phases.t_start = None
+
+    phases.wrap(model, "generate", "generate")
+    phases.wrap(trainer, "_get_per_token_logps_and_entropies", "forward")
+    phases.wrap(trainer.accelerator, "backward", "backward")
+    phases.wrap(trainer.accelerator, "clip_grad_norm_", "optimizer")
+    phases.wrap(trainer, "_calculate_rewards", "scoring")
+    trainer.add_callback(Clock())
+    trainer.train()
+
+
+def _summary(steps: list[dict[str, float]]) -> dict[str, float]:
+    out = {p: statistics.median(s.get(p, 0.0) for s in steps) for p in [*PHASES, "total"]}
+    out["other"] = statistics.median(s["total"] - sum(s.get(p, 0.0) for p in PHASES) for s in steps)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--new-tokens", type=int, default=8)
+    ap.add_argument("--minibatches", type=int, default=4, help="optimizer updates per generation batch (both sides)")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating blocks per side")
+    ap.add_argument("--steps", type=int, default=6, help="generation batches per block")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps at the start of each block")
+    ap.add_argument("--shared-prompt", type=lambda v: v.lower() in ("1", "true", "yes"), default=True)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    ours, trl = Phases(), Phases()
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chdir(tmp)
+        for r in range(args.rounds):
+            run_ours(args, ours, args.steps + args.warmup, seed=r)
+            run_trl(args, trl, args.steps + args.warmup, seed=r, tmp=tmp)
+    a, b = _summary(ours.steps), _summary(trl.steps)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(
+        f"16 prompts x G=8, {args.new_tokens} new tokens, {args.minibatches} updates per generation batch, "
+        f"shared_prompt={args.shared_prompt}, 1 thread; {len(ours.steps)} / {len(trl.steps)} timed steps "
+        f"over {args.rounds} interleaved rounds; load average {load:.1f}"
+    )
+    print(f"{'phase (median ms)':<20}{'curate-rl':>11}{'share':>7}{'TRL':>11}{'share':>7}{'ratio':>8}")
+    for p in [*PHASES, "other", "total"]:
+        ratio = a[p] / b[p] if b[p] > 0 else float("nan")
+        print(f"{p:<20}{a[p] * 1e3:>11.1f}{a[p] / a['total']:>7.0%}{b[p] * 1e3:>11.1f}{b[p] / b['total']:>7.0%}{ratio:>8.2f}")
+    print(f"step time ratio curate-rl / TRL: {a['total'] / b['total']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+"""The update path (components/update.py): batch build, shared-prompt forward, mini-batch schedule,
+truncated importance sampling, the per-micro-batch callback hook and the cost metrics."""
+
+from __future__ import annotations
+
+import copy
+import random
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from components.callbacks.base import SignalCallback
+from components.cli import build_cli
+from components.losses import get_aggregation, get_policy_loss
+from components.policy import load_policy
+from components.types import Group, Prompt, Rollout
+from components.update import (
+    LossConfig,
+    Updater,
+    build_batch,
+    forward_logprobs,
+    minibatch_schedule,
+    truncated_is_weight,
+)
+from tests.test_recipes import SMALL, _metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _groups(seed: int = 0, n_groups: int = 5, vocab: tuple[int, int] = (4, 90)) -> list[Group]:
+    """Ragged groups: contexts of different lengths (as hinted contexts are), responses of 0-7 tokens."""
+    rng = random.Random(seed)
+    groups = []
+    for gi in range(n_groups):
+        ctx = [1] + [rng.randrange(*vocab) for _ in range(rng.randint(2, 12))]
+        rollouts = []
+        for _ in range(rng.randint(1, 5)):
+            toks = [rng.randrange(*vocab) for _ in range(rng.randint(0 if gi == 0 else 1, 7))]
+            lps = [-rng.random() for _ in toks]
+            rollouts.append(Rollout(toks, lps, "", True, reward=float(rng.random() > 0.5), weight=rng.random()))
+        groups.append(
+            Group(Prompt(f"u{gi}", "t", "x", "a"), ctx, rollouts, weight=rng.random(), baseline=None if gi % 2 else 0.25)
+        )
+    return groups
+
+
+def _reference_batch(groups: list[Group], pad: int) -> dict[str, torch.Tensor]:
+    """The per-row construction the vectorised build replaced."""
+    rows = [(gi, g.context_ids, r) for gi, g in enumerate(groups) for r in g.rollouts]
+    cw = max(len(c) for _, c, _ in rows)
+    rw = max(max(len(r.token_ids) for _, _, r in rows), 1)
+    ids = torch.full((len(rows), cw + rw), pad, dtype=torch.long)
+    att = torch.zeros((len(rows), cw + rw), dtype=torch.long)
+    rmask, slp = torch.zeros((len(rows), rw)), torch.zeros((len(rows), rw))
+    for i, (_, c, r) in enumerate(rows):
+        ids[i, cw - len(c) : cw] = torch.tensor(c)
+        att[i, cw - len(c) : cw] = 1
+        n = len(r.token_ids)
+        ids[i, cw : cw + n] = torch.tensor(r.token_ids, dtype=torch.long)
+        att[i, cw : cw + n] = 1
+        rmask[i, :n] = 1
+        slp[i, :n] = torch.tensor(r.logprobs)
+    return {
+        "input_ids": ids,
+        "attention_mask": att,
+        "response_mask": rmask,
+        "sampling_logprobs": slp,
+        "group": torch.tensor([gi for gi, _, _ in rows]),
+        "group_weight": torch.tensor([groups[gi].weight for gi, _, _ in rows]),
+        "row_weight": torch.tensor([r.weight for _, _, r in rows]),
+        "rewards": torch.tensor([r.reward for _, _, r in rows]),
+    }
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_vectorised_batch_equals_the_per_row_build(seed):
+    groups = _groups(seed)
+    batch = build_batch(groups, pad_id=0)
+    for name, want in _reference_batch(groups, 0).items():
+        got = getattr(batch, name)
+        assert got.dtype == want.dtype and torch.equal(got, want), name
+    assert batch.context_width == max(len(g.context_ids) for g in groups)
+    assert torch.isnan(batch.baseline[1]) and batch.baseline[0] == 0.25
+
+
+def test_minibatch_schedule_covers_every_row_once_per_epoch():
+    torch.manual_seed(0)
+    mbs = minibatch_schedule(10, ppo_epochs=2, num_minibatches=3)
+    assert len(mbs) == 6 and [len(m) for m in mbs[:3]] == [4, 3, 3]
+    for epoch in (mbs[:3], mbs[3:]):
+        assert sorted(torch.cat(epoch).tolist()) == list(range(10))
+    assert torch.equal(torch.cat(minibatch_schedule(5, 1, 1)), torch.arange(5))  # one update: rows in order
+    assert len(minibatch_schedule(2, 1, 4)) == 2  # empty parts are dropped
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model, tok = load_policy("embedded:tiny-init")
+    return model.train(), tok
+
+
+def _grads(model, batch, rows_list, shared, temperature=0.7):
+    model.zero_grad(set_to_none=True)
+    g = torch.Generator().manual_seed(3)
+    weights = torch.rand(batch.response_mask.shape, generator=g)
+    outs = []
+    for rows in rows_list:
+        logp, ent, _ = forward_logprobs(model, batch, rows, temperature, shared_prompt=shared)
+        m = batch.response_mask[rows]
+        ((logp * weights[rows] + 0.1 * ent) * m).sum().backward()
+        outs.append((logp.detach(), ent.detach()))
+    return outs, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("split", ["whole", "micro", "shuffled"])
+def test_shared_prompt_forward_matches_the_plain_forward_and_gradient(tiny, split):
+    model, tok = tiny
+    groups = _groups(4, n_groups=6)
+    batch = build_batch(groups, tok.pad_token_id)
+    n = batch.size
+    if split == "whole":
+        rows_list = [torch.arange(n)]
+    elif split == "micro":  # micro-batches that cut groups apart
+        rows_list = list(torch.arange(n).split(3))
+    else:  # a shuffled mini-batch schedule, as the updater runs it
+        torch.manual_seed(1)
+        rows_list = [r for mb in minibatch_schedule(n, 1, 2) for r in mb.split(4)]
+    plain, g_plain = _grads(model, batch, rows_list, shared=False)
+    shared, g_shared = _grads(model, batch, rows_list, shared=True)
+    for (lp, ep), (ls, es), rows in zip(plain, shared, rows_list):
+        m = batch.response_mask[rows]
+        assert torch.allclose(lp * m, ls * m, atol=1e-5) and torch.allclose(ep * m, es * m, atol=1e-5)
+    assert g_plain.keys() == g_shared.keys()
+    for k in g_plain:
+        assert torch.allclose(g_plain[k], g_shared[k], atol=1e-5, rtol=1e-4), k
+
+
+def test_shared_prompt_forwards_fewer_tokens(tiny):
+    model, tok = tiny
+    batch = build_batch(_groups(5), tok.pad_token_id)
+    rows = torch.arange(batch.size)
+    with torch.no_grad():
+        *_, plain = forward_logprobs(model, batch, rows)
+        *_, shared = forward_logprobs(model, batch, rows, shared_prompt=True)
+    assert shared < plain == int(batch.attention_mask.sum())
+
+
+def test_truncated_is_weight_by_hand():
+    old = torch.tensor([[-1.0, -2.0, -0.5]])
+    sampling = torch.tensor([[-1.0, -2.5, 1.0]])
+    w = truncated_is_weight(old, sampling, cap=1.5)
+    # exp(0) = 1; exp(0.5) = 1.6487 capped at 1.5; exp(-1.5) = 0.2231
+    assert torch.allclose(w, torch.tensor([[1.0, 1.5, 0.22313016]]))
+    old.requires_grad_(True)
+    assert not truncated_is_weight(old, sampling, cap=2.0).requires_grad
+
+
+class _FakeModule:
+    """What :class:`Updater` reaches on the module, with plain SGD and no Lightning."""
+
+    def __init__(self, policy, lr: float = 1.0) -> None:
+        self.policy, self.ref_policy = policy, None
+        self.sampling = SimpleNamespace(max_new_tokens=8, temperature=1.0)
+        self.opt = torch.optim.SGD(policy.parameters(), lr=lr)
+        self.updates = 0
+
+    def optimizers(self):
+        return self.opt
+
+    def manual_backward(self, loss):
+        loss.backward()
+
+    def optimizer_update(self, opt, last):
+        opt.step()
+        self.updates += 1
+
+    def _forward_logprobs(self, model, batch, rows):
+        return forward_logprobs(model, batch, rows)[:2]
+
+    @torch.no_grad()
+    def token_logprobs(self, batch, rows=None, model=None):
+        rows = torch.arange(batch.size) if rows is None else rows
+        return self._forward_logprobs(self.policy if model is None else model, batch, rows)
+
+
+class _Recorder(SignalCallback):
+    def __init__(self, scale: float = 1.0) -> None:
+        self.scale, self.ratios = scale, []
+
+    def on_micro_batch(self, logp, old_logp, entropy, advantages, mask, module):
+        assert not logp.requires_grad and logp.shape == old_logp.shape == entropy.shape == mask.shape
+        self.ratios.append(float(((logp - old_logp).exp() * mask).sum() / mask.sum()))
+        return advantages * self.scale
+
+
+def _run_update(tiny, callbacks, num_minibatches=1, tis_cap=None):
+    model, tok = tiny
+    policy = copy.deepcopy(model)
+    groups = _groups(7, n_groups=4)
+    for g in groups:  # every group mixed: every row reaches the loss
+        for i, r in enumerate(g.rollouts):
+            r.reward = float(i % 2)
+    batch = build_batch(groups, tok.pad_token_id)
+    batch.advantages = (batch.rewards - 0.5).unsqueeze(1) * batch.response_mask
+    lc = LossConfig(tis_cap=tis_cap)
+    upd = Updater(lc, get_aggregation(lc.agg), get_policy_loss(lc.name), 1, num_minibatches, 3, True)
+    fake = _FakeModule(policy, lr=0.1)
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    torch.manual_seed(0)
+    metrics = upd.run(batch, fake, callbacks)
+    delta = {k: policy.state_dict()[k] - before[k] for k in before}
+    return metrics, delta, fake
+
+
+def test_on_micro_batch_sees_the_real_ratio_and_its_advantages_reach_the_loss(tiny):
+    rec = _Recorder()
+    metrics, delta, fake = _run_update(tiny, [rec], num_minibatches=2)
+    assert fake.updates == 2 and metrics["budget/optimizer_steps"] == 2
+    assert rec.ratios and any(abs(r - 1) > 1e-6 for r in rec.ratios)  # after the first update pi != pi_old
+    # One update (SGD): the step is linear in the advantages, so doubling them doubles it.
+    _, d1, _ = _run_update(tiny, [_Recorder(1.0)])
+    _, d2, _ = _run_update(tiny, [_Recorder(2.0)])
+    assert any(v.abs().max() > 0 for v in d1.values())
+    assert all(torch.allclose(2 * d1[k], d2[k], atol=1e-6) for k in d1)
+
+
+def test_tis_cap_one_scales_the_update_and_the_gap_is_reported(tiny):
+    metrics, d_off, _ = _run_update(tiny, [])
+    assert (
+        metrics["rollout/logprob_gap_max"] > 0 and 0 < metrics["rollout/logprob_gap_mean"] <= metrics["rollout/logprob_gap_max"]
+    )
+    on, d_on, _ = _run_update(tiny, [], tis_cap=1e-3)
+    assert on["rollout/tis_capped_frac"] > 0.9 and on["rollout/tis_weight_mean"] == pytest.approx(1e-3)
+    assert sum(v.abs().sum() for v in d_on.values()) < 0.01 * sum(v.abs().sum() for v in d_off.values())
+
+
+def test_cost_axes_and_logprob_gap_through_the_cli(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "--config", str(ROOT / "recipes" / "grpo.yaml"), *SMALL, "--trainer.max_steps", "2"]
+    build_cli([*args, "--model.num_minibatches", "2", "--model.loss.tis_cap", "2.0", "--model.eval.at_start", "false"])
+    m = _metrics(tmp_path / "mlflow.db")
+    assert m["budget/cum_optimizer_steps"] == [2.0, 4.0]
+    assert m["time/cum_train_s"][1] > m["time/cum_train_s"][0] > 0
+    fwd = m["budget/tokens_forwarded"]
+    # generation forwards contexts + new tokens; old log-probs and the update forward the batch again
+    assert all(f > t for f, t in zip(fwd, m["budget/tokens"])) and m["budget/cum_tokens_forwarded"][-1] == pytest.approx(sum(fwd))
+    # the HF engine samples with the policy itself: its log-probs are the trainer's
+    assert max(m["rollout/logprob_gap_max"]) < 1e-4
+    assert all(0.99 < w <= 1.0 + 1e-6 for w in m["rollout/tis_weight_mean"])
