@@ -175,8 +175,8 @@ def test_stop_signal_checkpoints_marks_killed_and_resumes_exactly(parts, tmp_pat
     run_dir = tmp_path / "stopped"
     run_dir.mkdir()
     marker = tmp_path / "in_step_3"
-    env = {**_cli_env(), "RELTEST_SLOW_AT": "10", "RELTEST_MARKER": str(marker), "RELTEST_SLEEP": str(sleep)}
-    # 4 prompts per step, one score() call each: call 10 is in step 3
+    env = {**_cli_env(), "RELTEST_SLOW_AT": "18", "RELTEST_MARKER": str(marker), "RELTEST_SLEEP": str(sleep)}
+    # one score() call per prompt: 4 held-out at start, 4 per step, 4 held-out after step 2: call 18 is in step 3
     proc = subprocess.Popen(
         [sys.executable, "-m", "components.cli", *args, "--guard.grace_period_s", "8", "--checkpoint.every_n_train_steps", "100"],
         cwd=run_dir,
