@@ -9,8 +9,10 @@ Two kinds of source, both turned into :class:`~components.types.Prompt` s with s
 
 The training stream draws batches of prompts from the pool with its own seeded generator; the
 generator's state is part of the DataModule's ``state_dict`` so a resumed run continues the same
-stream. Samplers that need more prompts than one batch (DAPO dynamic sampling) call
-:meth:`PromptDataModule.draw`.
+stream. The DataLoader yields only a request for a batch; the prompts are drawn when the step
+consumes it (``on_before_batch_transfer``), not when Lightning prefetches the next one, so the saved
+state is the stream's position as of the last *consumed* batch. Samplers that need more prompts
+than one batch (DAPO dynamic sampling) call :meth:`PromptDataModule.draw`.
 """
 
 from __future__ import annotations
@@ -84,16 +86,48 @@ def _math_verifier(output: str, prompt: Prompt) -> float:
     return float(verify(gold, pred, timeout_seconds=None))
 
 
+def _read_jsonl(path: str) -> list[dict]:
+    """One JSON object per non-blank line; a bad line is named by its number."""
+    field_ = "data.files.path"
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError(field_, f"{path!r} cannot be read: {e.strerror}") from None
+    out = []
+    for n, line in enumerate(raw.splitlines(), start=1):
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(field_, f"{path} line {n} is not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
+        if not text.strip():
+            continue
+        try:
+            rec = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(
+                field_, f"{path} line {n} is not valid JSON ({e.msg}, column {e.colno}); each line must be one JSON object"
+            ) from None
+        if not isinstance(rec, dict):
+            raise ConfigError(field_, f"{path} line {n} is a JSON {type(rec).__name__}; each line must be one JSON object")
+        out.append(rec)
+    return out
+
+
 def _read_records(path: str) -> list[dict]:
     p = Path(path)
     if not p.exists():
-        raise ConfigError("data.files.path", f"{path!r} does not exist")
+        raise ConfigError(
+            "data.files.path", f"{path!r} does not exist (valid: a .jsonl file, a .parquet file or a datasets folder)"
+        )
     if p.suffix in (".jsonl", ".json"):
-        with p.open() as f:
-            return [json.loads(line) for line in f if line.strip()]
+        return _read_jsonl(path)
     import datasets  # optional: only for parquet files and saved datasets folders
 
-    ds = datasets.load_from_disk(str(p)) if p.is_dir() else datasets.load_dataset("parquet", data_files=str(p))["train"]
+    try:
+        ds = datasets.load_from_disk(str(p)) if p.is_dir() else datasets.load_dataset("parquet", data_files=str(p))["train"]
+    except Exception as e:  # datasets / pyarrow raise many types for an unreadable file
+        msg = " ".join(str(e).split())[:300]
+        raise ConfigError("data.files.path", f"{path} is not a readable parquet file or datasets folder: {msg}") from None
     return [dict(r) for r in ds]
 
 
@@ -127,15 +161,27 @@ class PromptPool:
         return [self.prompts[i] for i in idx.tolist()]
 
 
+@dataclass(frozen=True)
+class BatchRequest:
+    """What the training DataLoader yields: "draw ``size`` prompts now". Resolved into prompts by
+    :meth:`PromptDataModule.on_before_batch_transfer` when the step consumes it."""
+
+    size: int
+
+
 class _PromptStream(IterableDataset):
-    """Endless batches of prompts; the length of training is set by the Trainer's ``max_steps``."""
+    """Endless batch requests; the length of training is set by the Trainer's ``max_steps``.
+
+    Lightning fetches one batch ahead of the step it runs; drawing prompts here would move the
+    stream one batch past what was trained on, and a checkpoint would skip that batch on resume.
+    """
 
     def __init__(self, dm: PromptDataModule) -> None:
         self.dm = dm
 
-    def __iter__(self) -> Iterator[list[Prompt]]:
+    def __iter__(self) -> Iterator[BatchRequest]:
         while True:
-            yield self.dm.draw(self.dm.batch_size)
+            yield BatchRequest(self.dm.batch_size)
 
 
 class PromptDataModule(L.LightningDataModule):
@@ -182,6 +228,9 @@ class PromptDataModule(L.LightningDataModule):
         self.heldout: list[Prompt] = []
         self.generator = torch.Generator().manual_seed(seed)
         self._rank_offset = 0
+        # The stream's state just before the current step's batch was drawn: a step abandoned on a
+        # stop signal rolls the stream back to it, so resuming redoes the step exactly.
+        self.batch_start_state: dict[str, Any] | None = None
 
     # ---- building the pools -------------------------------------------------------------------
     def _shares(self, total: int) -> list[int]:
@@ -214,9 +263,13 @@ class PromptDataModule(L.LightningDataModule):
         self.verifiers[key] = _math_verifier if ft.verifier == "math" else _exact_verifier
         prompts = []
         for j, rec in enumerate(_read_records(ft.path)):
-            for fld in (ft.prompt_field, ft.answer_field):
+            for name, fld in (("prompt_field", ft.prompt_field), ("answer_field", ft.answer_field)):
                 if fld not in rec:
-                    raise ConfigError("data.files.prompt_field", f"record {j} of {ft.path} has no field {fld!r}")
+                    raise ConfigError(
+                        f"data.files.{name}",
+                        f"record {j} of {ft.path} has no field {fld!r}; its fields are {sorted(rec)} "
+                        f"(set data.files.{name} to one of them)",
+                    )
             ref = rec.get(ft.reference_field) if ft.reference_field else None
             prompts.append(
                 Prompt(
@@ -275,17 +328,32 @@ class PromptDataModule(L.LightningDataModule):
     def verifier(self, prompt: Prompt) -> Verifier:
         return self.verifiers[prompt.task]
 
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Turn the training stream's :class:`BatchRequest` into prompts, at the step that uses them."""
+        if isinstance(batch, BatchRequest):
+            self.batch_start_state = self.state_dict()
+            return self.draw(batch.size)
+        return batch
+
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(_PromptStream(self), batch_size=None, collate_fn=_identity, num_workers=0)
+        # Its own generator: a DataLoader iterator otherwise draws its base seed from torch's global
+        # RNG, and a resumed run (which builds a new iterator) would shift the sampling RNG by one.
+        return DataLoader(_PromptStream(self), batch_size=None, collate_fn=_identity, num_workers=0, generator=torch.Generator())
 
     def val_dataloader(self) -> DataLoader:
         if not self.heldout:
             raise ConfigError("data.heldout_size", "the held-out split is empty; set data.heldout_size > 0")
-        return DataLoader(self.heldout, batch_size=256, collate_fn=_identity, num_workers=0)
+        return DataLoader(self.heldout, batch_size=256, collate_fn=_identity, num_workers=0, generator=torch.Generator())
+
+    def all_prompts(self) -> list[Prompt]:
+        """Every training and held-out prompt (for set-up checks such as prompt length)."""
+        if self.train_pool is None:
+            self.setup("fit")
+        return [*self.train_pool.prompts, *self.heldout]
 
     # ---- checkpointed state ------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state()}
+        return {"generator": self.generator.get_state().clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generator.set_state(state["generator"])

@@ -57,10 +57,17 @@ def seq_mean_token_sum_norm(x: torch.Tensor, mask: torch.Tensor, norm_len: int |
 
     ``norm_len`` should be the maximum generation length (a constant, as Dr. GRPO prescribes); it
     defaults to the padded width of ``mask``, which is only constant if rollouts are padded to it.
+
+    The average is over sequences with at least one response token, as in ``seq-mean-token-mean``.
+    The module splits a mini-batch into micro-batches and weights each by its share of non-empty
+    rows; dividing by all rows here made the gradient depend on that split as soon as one response
+    was empty. TRL divides by all rows, but its completions always hold at least the EOS token, so
+    the two agree on every batch TRL can produce.
     """
     denom = float(norm_len) if norm_len else float(mask.shape[-1])
     per_seq = (x * mask).sum(-1) / denom
-    return per_seq.mean() if per_seq.numel() else per_seq.sum()
+    has = (mask.sum(-1) > 0).to(x.dtype)
+    return (per_seq * has).sum() / has.sum().clamp(min=1)
 
 
 # ---- per-token pieces -------------------------------------------------------------------------
@@ -78,7 +85,10 @@ def token_logprobs_and_entropy(
 
 
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Schulman's k3 estimator of KL(pi || pi_ref): ``exp(d) - d - 1`` with ``d = ref - logp``; >= 0."""
+    """Schulman's k3 estimator of KL(pi || pi_ref): ``exp(d) - d - 1`` with ``d = ref - logp``; >= 0.
+
+    The plain estimator, as TRL with ``use_bias_correction_kl=False``: no importance correction by
+    the ratio pi/pi_old when the batch is reused over several updates."""
     d = (ref_logp - logp).clamp(-20, 20)
     return d.exp() - d - 1
 

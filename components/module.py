@@ -27,11 +27,12 @@ from torchmetrics import MeanMetric
 
 from components.advantages import get_advantage
 from components.callbacks.base import SignalCallback
+from components.callbacks.lifecycle import rng_state, set_rng_state
 from components.engine import HFEngine, RolloutEngine, SamplingParams
 from components.errors import ConfigError
 from components.losses import get_aggregation, get_policy_loss
 from components.policy import encode_messages, encode_prompt, load_policy
-from components.rewards import Reward, VerifierReward
+from components.rewards import Reward, VerifierReward, score_guarded
 from components.samplers.base import FixedGroupSampler, Sampler
 from components.types import Group, Prompt, Rollout
 from components.update import (
@@ -184,6 +185,7 @@ class PolicyModule(L.LightningModule):
         self.prompt_history: dict[str, list[int]] = {}
         self.cumulative: dict[str, float] = defaultdict(float)
         self._context_cache: dict[str, list[int]] = {}
+        self.reward_fault_last = ""  # the last reward fault's message (for RunGuard's stop message)
         self._step_metrics: dict[str, float] = {}
         self._eval_pass = MeanMetric()
         self._eval_tags: dict[str, MeanMetric] = {}
@@ -291,17 +293,27 @@ class PolicyModule(L.LightningModule):
         t0 = time.perf_counter()
         outs = self.engine.generate(contexts, n_each, self.sampling)
         t1 = time.perf_counter()
+        n_err = n_nan = 0
         for p, rs in zip(prompts, outs):
-            self.reward.score(p, rs)
+            # A reward that raises or gives NaN scores the rollout as failed; RunGuard stops the run
+            # once such faults pass their configured share.
+            e, n, last = score_guarded(self.reward, p, rs)
+            n_err, n_nan = n_err + e, n_nan + n
+            self.reward_fault_last = last or self.reward_fault_last
             hist = self.prompt_history.setdefault(p.uid, [0, 0])
             hist[0] += len(rs)
             hist[1] += sum(r.passed for r in rs)
         t2 = time.perf_counter()
+        n_scored = sum(len(rs) for rs in outs)
+        for key, v in (("reward_scored", n_scored), ("reward_errors", n_err), ("reward_nan", n_nan)):
+            self.cumulative[key] += v
         self._add_metrics(
             {
-                "budget/rollouts": sum(len(rs) for rs in outs),
+                "budget/rollouts": n_scored,
                 "budget/tokens": sum(len(r.token_ids) for rs in outs for r in rs),
                 "_reward_sum": sum(r.reward for rs in outs for r in rs),
+                "reward/errors": n_err,
+                "reward/nan": n_nan,
                 "time/generate_s": t1 - t0,
                 "time/score_s": t2 - t1,
             }
@@ -553,10 +565,15 @@ class PolicyModule(L.LightningModule):
 
     # ---- checkpointed state -------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Every RNG that sampling and shuffling use is saved with the state, so a resumed run draws
+        # what the uninterrupted run would have drawn. The HF engine samples from torch's global
+        # RNG; an engine with its own generator saves it through state_dict().
         checkpoint["curate_rl"] = {
             "sampler": self.sampler.state_dict(),
             "prompt_history": self.prompt_history,
             "cumulative": dict(self.cumulative),
+            "rng": rng_state(),
+            "engine": self.engine.state_dict() if hasattr(self.engine, "state_dict") else {},
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -564,6 +581,10 @@ class PolicyModule(L.LightningModule):
         self.sampler.load_state_dict(state.get("sampler", {}))
         self.prompt_history = {k: list(v) for k, v in state.get("prompt_history", {}).items()}
         self.cumulative = defaultdict(float, state.get("cumulative", {}))
+        if "rng" in state:
+            set_rng_state(state["rng"])
+        if state.get("engine") and hasattr(self.engine, "load_state_dict"):
+            self.engine.load_state_dict(state["engine"])
 
 
 def _fast_adam(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:

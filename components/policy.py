@@ -8,6 +8,7 @@ causal LM also works (a local path, or a hub id when the user has network access
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import string
 from pathlib import Path
@@ -23,6 +24,8 @@ from transformers import (
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
+
+from components.errors import ConfigError
 
 EMBEDDED_PREFIX = "embedded:"
 ASSETS = Path(__file__).parent / "assets"
@@ -74,7 +77,9 @@ def _find_gguf(path: str) -> tuple[str, str] | None:
     if path.startswith("pkg:"):
         spec = importlib.util.find_spec(path[4:])
         if spec is None or not spec.submodule_search_locations:
-            raise FileNotFoundError(f"model: package {path[4:]!r} is not installed")
+            raise ConfigError(
+                "model.model", f"package {path[4:]!r} is not installed (pkg:<package> names a package holding a .gguf file)"
+            )
         path = list(spec.submodule_search_locations)[0]
     p = Path(path)
     if p.is_dir():
@@ -82,6 +87,46 @@ def _find_gguf(path: str) -> tuple[str, str] | None:
         if ggufs and not (p / "config.json").exists():
             return str(ggufs[0].parent), ggufs[0].name
     return None
+
+
+def _offline() -> bool:
+    return any(os.environ.get(k, "").lower() in ("1", "true", "yes", "on") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _check_source(name: str) -> bool:
+    """Check a local folder or a hub id before transformers sees it; True when it is a local folder.
+
+    A folder must hold a readable ``config.json``. Anything else is a hub id, which must be in the
+    local cache when offline (``HF_HUB_OFFLINE=1``): no download is attempted, and a path that does
+    not exist is not sent to the hub as an id.
+    """
+    p = Path(name).expanduser()
+    if p.is_dir():
+        cfg = p / "config.json"
+        if not cfg.is_file():
+            raise ConfigError(
+                "model.model", f"{name} is a folder without config.json (valid: a folder written by save_pretrained)"
+            )
+        try:
+            json.loads(cfg.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ConfigError("model.model", f"{cfg} is not valid JSON ({' '.join(str(e).split())[:200]})") from None
+        return True
+    valid = "valid: embedded:tiny, a folder with config.json, pkg:<package> with a .gguf file, or a hub id"
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        cached = try_to_load_from_cache(name, "config.json")
+    except HFValidationError:
+        raise ConfigError("model.model", f"{name!r} is neither an existing folder nor a hub id ({valid})") from None
+    if not isinstance(cached, str) and _offline():
+        raise ConfigError(
+            "model.model",
+            f"{name!r} is neither an existing folder nor a hub id in the local cache, and HF_HUB_OFFLINE is set "
+            f"(no download attempted; {valid})",
+        )
+    return False
 
 
 def load_policy(name: str, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -99,23 +144,28 @@ def load_policy(name: str, dtype: torch.dtype = torch.float32) -> tuple[PreTrain
             return model.to(dtype), tok
         folder = ASSETS / which
         if not (folder / "config.json").exists():
-            raise FileNotFoundError(
-                f"model: embedded model {which!r} not found in {ASSETS}; valid: "
-                f"{sorted(p.name for p in ASSETS.iterdir() if (p / 'config.json').exists())} or 'tiny-init'"
+            raise ConfigError(
+                "model.model",
+                f"embedded model {which!r} not found in {ASSETS}; valid: "
+                f"{sorted(p.name for p in ASSETS.iterdir() if (p / 'config.json').exists())} or 'tiny-init'",
             )
         # Not AutoTokenizer: for some configs it swaps in a tokenizer class that drops whitespace.
         tok = PreTrainedTokenizerFast.from_pretrained(str(folder))
         model = LlamaForCausalLM.from_pretrained(str(folder), dtype=dtype)
         return model, tok
     gguf = _find_gguf(name)
-    if gguf is not None:
-        folder, fname = gguf
-        tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=dtype)
-    else:
-        local = os.path.isdir(name)
-        tok = AutoTokenizer.from_pretrained(name, local_files_only=local)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=local)
+    local = gguf is not None or _check_source(name)
+    try:
+        if gguf is not None:
+            folder, fname = gguf
+            tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=dtype)
+        else:
+            tok = AutoTokenizer.from_pretrained(name, local_files_only=local)
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=local)
+    except (OSError, ValueError, KeyError) as e:  # transformers' errors for unreadable model files
+        msg = " ".join(str(e).split())[:300]
+        raise ConfigError("model.model", f"{name!r} could not be loaded: {type(e).__name__}: {msg}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"

@@ -2,6 +2,10 @@
 
 A reward fills ``Rollout.reward`` and ``Rollout.passed``. ``passed`` is the binary outcome that gate
 statistics and pass-rate estimates use; ``reward`` is what the advantage sees (binary by default).
+
+A reward that raises, or returns NaN, does not end the run by itself: :func:`score_guarded` scores
+the rollout as failed (reward 0, not passed) and counts the fault; the run guard stops the run once
+such faults pass a configured share (``guard.max_reward_error_share`` / ``max_reward_nan_share``).
 """
 
 from __future__ import annotations
@@ -27,6 +31,39 @@ class Reward(ABC):
     @abstractmethod
     def score(self, prompt: Prompt, rollouts: list[Rollout]) -> None:
         """Set ``reward`` and ``passed`` of every rollout."""
+
+    def fail(self, rollout: Rollout, message: str) -> None:
+        """Score one rollout as failed because its reward could not be computed, and record why."""
+        rollout.reward, rollout.passed = 0.0, False
+        self.__dict__.setdefault("_errors", []).append(message)
+
+    def take_errors(self) -> list[str]:
+        """The messages of rollouts failed with :meth:`fail` since the last call."""
+        return self.__dict__.pop("_errors", [])
+
+
+def score_guarded(reward: Reward, prompt: Prompt, rollouts: list[Rollout]) -> tuple[int, int, str]:
+    """Score ``rollouts``; returns (rollouts whose reward raised, rollouts with a NaN / infinite
+    reward, the last fault's message). Faulty rollouts are scored as failed (reward 0)."""
+    last = ""
+    try:
+        reward.score(prompt, rollouts)
+        errors = reward.take_errors()
+        n_err = len(errors)
+        last = errors[-1] if errors else ""
+    except Exception as e:  # a reward that fails the whole prompt: every rollout of it failed
+        reward.take_errors()
+        for r in rollouts:
+            r.reward, r.passed = 0.0, False
+        n_err = len(rollouts)
+        last = f"{type(reward).__name__} raised on prompt uid={prompt.uid}: {type(e).__name__}: {e}"
+    n_nan = 0
+    for r in rollouts:
+        if not math.isfinite(r.reward):
+            r.reward, r.passed = 0.0, False
+            n_nan += 1
+            last = f"{type(reward).__name__} gave a non-finite reward on prompt uid={prompt.uid}"
+    return n_err, n_nan, " ".join(last.split())[:300]
 
 
 @dataclass
@@ -94,12 +131,15 @@ class VerifierReward(Reward):
             try:
                 s = float(verify(answer, prompt))
             except Exception as e:
-                raise RuntimeError(
+                self.fail(
+                    r,
                     f"verifier of task {prompt.task!r} raised on prompt uid={prompt.uid} ({prompt.text!r}) "
-                    f"with answer {answer!r}: {type(e).__name__}: {e}"
-                ) from e
+                    f"with answer {answer!r}: {type(e).__name__}: {e}",
+                )
+                continue
             if not math.isfinite(s):
-                raise RuntimeError(f"verifier of task {prompt.task!r} returned {s} for prompt uid={prompt.uid} ({prompt.text!r})")
+                r.reward, r.passed = s, False  # counted as a NaN reward by score_guarded
+                continue
             r.passed = s >= self.pass_threshold
             r.reward = float(r.passed) if self.mode == "binary" else s
             if self.overlong is not None:

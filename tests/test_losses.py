@@ -87,3 +87,40 @@ def test_temperature_scales_logprobs():
     lp2, _ = token_logprobs_and_entropy(logits, torch.tensor([[0]]), 2.0)
     assert lp2.item() == pytest.approx(torch.log_softmax(torch.tensor([1.0, 0.0]), 0)[0].item())
     assert lp1.item() > lp2.item()  # a sharper distribution puts more mass on the argmax
+
+
+def _split_loss(x: torch.Tensor, mask: torch.Tensor, agg: str, splits: list[list[int]]) -> torch.Tensor:
+    """The module's micro-batch accumulation: each micro-batch's aggregate times its share of the
+    mini-batch's denominator (tokens for token-mean, non-empty rows otherwise)."""
+    fn = AGGREGATIONS[agg]
+    tok_den = mask.sum().clamp(min=1)
+    seq_den = (mask.sum(-1) > 0).sum().clamp(min=1)
+    total = x.new_zeros(())
+    for rows in splits:
+        m = mask[rows]
+        share = m.sum() / tok_den if agg == "token-mean" else (m.sum(-1) > 0).sum() / seq_den
+        total = total + fn(x[rows], m, norm_len=6) * share
+    return total
+
+
+@pytest.mark.parametrize("agg", sorted(AGGREGATIONS))
+def test_gradient_does_not_depend_on_the_micro_batch_split_with_an_empty_response(agg):
+    # Row 2 has no response token. Dr. GRPO's divisor used to count it inside its micro-batch while
+    # the module weighted micro-batches by non-empty rows: the gradient changed with the split.
+    torch.manual_seed(0)
+    x = torch.randn(5, 6, requires_grad=True)
+    mask = torch.tensor(
+        [[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0]],
+        dtype=torch.float,
+    )
+    (whole,) = torch.autograd.grad(AGGREGATIONS[agg](x, mask, norm_len=6), x)
+    for splits in ([[0, 1, 2, 3, 4]], [[0, 1], [2, 3, 4]], [[2], [0, 1, 3, 4]], [[0], [1], [2], [3], [4]]):
+        (g,) = torch.autograd.grad(_split_loss(x, mask, agg, splits), x)
+        assert torch.allclose(g, whole, atol=1e-7), (agg, splits)
+    assert whole[2].abs().sum() == 0 and whole.abs().sum() > 0
+
+
+def test_seq_mean_token_sum_norm_averages_non_empty_sequences():
+    x = torch.tensor([[1.0, 2.0], [5.0, 5.0]])
+    m = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
+    assert AGGREGATIONS["seq-mean-token-sum-norm"](x, m, norm_len=4).item() == pytest.approx(3 / 4)
