@@ -193,7 +193,7 @@ def test_generate_memory_does_not_grow_with_steps_times_vocab():
     rows = {r["mode"]: r for r in map(json.loads, run.stdout.strip().splitlines())}
     scores_bytes = 8 * 256 * 32000 * 4
     assert rows["output_scores"]["peak_mib"] > 0.8 * scores_bytes / 2**20  # the measurement sees O(steps x vocab)
-    assert rows["engine"]["peak_mib"] < 0.15 * scores_bytes / 2**20
+    assert rows["engine"]["peak_mib"] < 0.3 * scores_bytes / 2**20
 
 
 # ---- vLLM engine against the stand-in -----------------------------------------------------------
