@@ -3,16 +3,35 @@
 The interface is small so that Hugging Face ``generate`` (CPU, tests, small models) and vLLM (GPU,
 :mod:`components.vllm_engine`) are interchangeable. An engine that holds its own copy of the weights
 (vLLM) is told to sync after every optimizer step; the HF engine generates with the policy itself.
+
+What "the sampling log-prob" means, for both engines: the log-probability of the chosen token under
+the distribution it was actually drawn from, i.e. ``log_softmax(logits / temperature)`` after top-p
+truncation. The loss scores the same tokens with ``log_softmax(logits / temperature)`` of the policy
+(no truncation), so with ``top_p = 1`` the two agree to float precision on the HF engine (the
+``rollout/logprob_gap_*`` metrics are ~0), and with ``top_p < 1`` a gap of ``-log(kept mass)`` per
+token is expected: the rollouts are then not exactly on-policy for the loss.
 """
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
 from transformers import GenerationConfig as HFGenerationConfig
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    StopStringCriteria,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from components.errors import ConfigError
 from components.types import Rollout
@@ -20,11 +39,17 @@ from components.types import Rollout
 
 @dataclass
 class SamplingParams:
-    """How rollouts are sampled. ``temperature=0`` means greedy."""
+    """How rollouts are sampled. ``temperature=0`` means greedy.
+
+    ``stop``: optional stop strings; a rollout that produces one ends there (the token that
+    completes it is kept, and the rollout counts as finished). EOS is always the full list of
+    end-of-sequence ids the model declares (see :func:`eos_token_ids`).
+    """
 
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 8
+    stop: list[str] = field(default_factory=list)
 
     def validate(self, field: str = "model.sampling") -> None:
         if self.temperature < 0:
@@ -33,10 +58,33 @@ class SamplingParams:
             raise ConfigError(f"{field}.top_p", f"must be in (0, 1], got {self.top_p}")
         if self.max_new_tokens < 1:
             raise ConfigError(f"{field}.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ConfigError(f"{field}.stop", f"must be a list of non-empty strings, got {self.stop!r}")
+
+
+def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Every end-of-sequence id the model declares: its generation_config, its config and the
+    tokenizer (chat models stop on a list, e.g. ``<|im_end|>`` and ``<|endoftext|>``)."""
+    ids: list[int] = []
+    for source in (getattr(model, "generation_config", None), getattr(model, "config", None), tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        for i in value if isinstance(value, (list, tuple)) else [value]:
+            if i is not None and int(i) not in ids:
+                ids.append(int(i))
+    if not ids:
+        raise ConfigError("model", "the model declares no EOS token (generation_config, config and tokenizer have none)")
+    return ids
 
 
 class RolloutEngine(ABC):
-    """Generates ``n_each[i]`` completions of ``contexts[i]`` (token ids), returned in order."""
+    """Generates ``n_each[i]`` completions of ``contexts[i]`` (token ids), returned in order.
+
+    Lifecycle, called by the policy module: :meth:`bind` once with the policy; :meth:`start` when
+    training (or evaluation) starts and again after a resume, so an engine with its own weights
+    loads the policy's current ones; :meth:`generate` any number of times per step;
+    :meth:`sleep` after the step's last generate (an engine sharing the device with training frees
+    its memory); :meth:`sync_weights` after every optimizer step.
+    """
 
     def bind(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
         """Called once by the module with the policy and its tokenizer."""
@@ -46,6 +94,15 @@ class RolloutEngine(ABC):
     @abstractmethod
     def generate(self, contexts: list[list[int]], n_each: list[int], params: SamplingParams) -> list[list[Rollout]]:
         """One list of rollouts per context (unscored: rewards are filled in by the reward)."""
+
+    def start(self, model: torch.nn.Module, *, device: torch.device, rank: int = 0, world_size: int = 1) -> None:
+        """Training or evaluation starts (also after a resume). Engines with their own weights
+        build themselves on ``device`` and load ``model``'s weights; the HF engine has nothing to do."""
+        return None
+
+    def sleep(self) -> None:
+        """The step's last generate is done: free generation memory until the next one (no-op here)."""
+        return None
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         """Push the trained weights into the engine. The HF engine generates with the policy itself,
@@ -63,8 +120,87 @@ def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
     return ids, mask
 
 
+class _SampleLogprobs(LogitsProcessor):
+    """Applies temperature and top-p itself, then records the chosen token's log-prob.
+
+    transformers runs user logits processors *before* its own temperature / top-p warpers, so this
+    processor does the warping (and HF's warpers are switched off): it is the last thing that
+    touches the scores before HF samples from ``softmax(scores)``. The token chosen at step t is only
+    visible at step t+1 (as ``input_ids[:, -1]``), so the processor keeps the previous step's
+    log-probs (one ``(rows, vocab)`` tensor, never one per step) and :meth:`finish` reads the last.
+    """
+
+    def __init__(self, temperature: float, top_p: float) -> None:
+        self.warpers: list[LogitsProcessor] = []
+        if temperature > 0 and temperature != 1.0:
+            self.warpers.append(TemperatureLogitsWarper(temperature))
+        if temperature > 0 and top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(top_p))
+        self.prev: torch.Tensor | None = None
+        self.chosen: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.prev is not None:
+            self.chosen.append(self.prev.gather(1, input_ids[:, -1:]).squeeze(1))
+        for warp in self.warpers:
+            scores = warp(input_ids, scores)
+        self.prev = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def finish(self, new_tokens: torch.Tensor) -> torch.Tensor:
+        """(rows, steps) log-probs of ``new_tokens``, the tokens generated after the context."""
+        if self.prev is not None:
+            self.chosen.append(self.prev.gather(1, new_tokens[:, -1:]).squeeze(1))
+        self.prev = None
+        out = (
+            torch.stack(self.chosen, dim=1) if self.chosen else new_tokens.new_zeros((new_tokens.shape[0], 0), dtype=torch.float)
+        )
+        if out.shape[1] != new_tokens.shape[1]:
+            raise RuntimeError(f"recorded {out.shape[1]} log-probs for {new_tokens.shape[1]} generated tokens")
+        return out
+
+
+class _FirstStop(StoppingCriteria):
+    """Wraps a stop-string criterion and records, per row, how many new tokens it had when a stop
+    string first appeared (-1: never)."""
+
+    def __init__(self, inner: StoppingCriteria, context_width: int) -> None:
+        self.inner = inner
+        self.context_width = context_width
+        self.stop_at: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        done = self.inner(input_ids, scores, **kwargs)
+        if self.stop_at is None:
+            self.stop_at = torch.full((input_ids.shape[0],), -1, dtype=torch.long, device=input_ids.device)
+        newly = done & (self.stop_at < 0)
+        self.stop_at[newly] = input_ids.shape[1] - self.context_width
+        return done
+
+
+@contextlib.contextmanager
+def _no_model_generation_defaults(model: PreTrainedModel) -> Iterator[None]:
+    """transformers fills every generation field left unset (None) from the model's own
+    generation_config.json (e.g. Qwen's repetition_penalty 1.05, top_k 20, top_p 0.8). Fields whose
+    "off" value is None (min_p, suppress_tokens, bad_words_ids, forced_*_token_id, ...) cannot be
+    switched off by a value, so during our call the model's generation_config is a blank one."""
+    saved = model.generation_config
+    model.generation_config = HFGenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
 class HFEngine(RolloutEngine):
     """Hugging Face ``generate`` on the policy module's own weights (no weight sync needed).
+
+    Samples exactly what the loss assumes: every sampling knob is set explicitly (repetition penalty
+    1, no n-gram ban, no minimum length, no top-k, temperature and top-p as given, even at their
+    default values) and nothing is taken from the model's generation_config.json. The chosen
+    token's log-prob is computed step by step (no ``output_scores``: memory stays O(rows x vocab),
+    not O(steps x rows x vocab)). Generation stops at any EOS id the model declares and, optionally,
+    at stop strings (``SamplingParams.stop``).
 
     Args:
         max_batch_rows: rows per ``generate`` call; larger batches are split.
@@ -76,8 +212,41 @@ class HFEngine(RolloutEngine):
         self.max_batch_rows = max_batch_rows
         self.max_context_tokens = max_context_tokens
 
+    def bind(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+        super().bind(model, tokenizer)
+        self.eos_ids = eos_token_ids(model, tokenizer)
+
     def _limit(self) -> int | None:
         return self.max_context_tokens or getattr(self.model.config, "max_position_embeddings", None)
+
+    def _hf_config(self, params: SamplingParams) -> HFGenerationConfig:
+        pad = self.tokenizer.pad_token_id
+        return HFGenerationConfig(
+            do_sample=params.temperature > 0,
+            # Temperature and top-p are applied by _SampleLogprobs; HF's own warpers stay off.
+            temperature=1.0,
+            top_p=1.0,
+            top_k=0,
+            typical_p=1.0,
+            epsilon_cutoff=0.0,
+            eta_cutoff=0.0,
+            repetition_penalty=1.0,
+            encoder_repetition_penalty=1.0,
+            no_repeat_ngram_size=0,
+            encoder_no_repeat_ngram_size=0,
+            min_length=0,
+            renormalize_logits=False,
+            remove_invalid_values=False,
+            num_beams=1,
+            num_return_sequences=1,
+            max_new_tokens=params.max_new_tokens,
+            eos_token_id=self.eos_ids,
+            pad_token_id=pad if pad is not None else self.eos_ids[0],
+            use_cache=True,
+            output_scores=False,
+            output_logits=False,
+            return_dict_in_generate=False,
+        )
 
     @torch.no_grad()
     def generate(self, contexts: list[list[int]], n_each: list[int], params: SamplingParams) -> list[list[Rollout]]:
@@ -92,40 +261,48 @@ class HFEngine(RolloutEngine):
         rows = [ci for ci, n in enumerate(n_each) for _ in range(n)]
         out: list[list[Rollout]] = [[] for _ in contexts]
         tok = self.tokenizer
-        eos = tok.eos_token_id
-        greedy = params.temperature == 0
-        hf_cfg = HFGenerationConfig(
-            do_sample=not greedy,
-            temperature=None if greedy else params.temperature,
-            top_p=None if greedy else params.top_p,
-            top_k=0 if not greedy else None,
-            max_new_tokens=params.max_new_tokens,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=eos,
-            return_dict_in_generate=True,
-            output_scores=True,
-        )
+        hf_cfg = self._hf_config(params)
+        eos = torch.tensor(self.eos_ids)
         was_training = self.model.training
         self.model.eval()
         try:
             for start in range(0, len(rows), self.max_batch_rows):
                 chunk = rows[start : start + self.max_batch_rows]
-                ids, mask = _left_pad([contexts[ci] for ci in chunk], tok.pad_token_id)
+                ids, mask = _left_pad([contexts[ci] for ci in chunk], hf_cfg.pad_token_id)
                 ids, mask = ids.to(self.model.device), mask.to(self.model.device)
-                res = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=hf_cfg)
-                new = res.sequences[:, ids.shape[1] :]
-                # Log-prob of each chosen token under the *sampling* distribution (after temperature/top-p).
-                lps = torch.stack(
-                    [torch.log_softmax(s.float(), -1).gather(1, new[:, t : t + 1]).squeeze(1) for t, s in enumerate(res.scores)],
-                    dim=1,
-                )
+                recorder = _SampleLogprobs(params.temperature, params.top_p)
+                stops = StoppingCriteriaList()
+                first_stop = None
+                if params.stop:
+                    first_stop = _FirstStop(StopStringCriteria(tok, params.stop), ids.shape[1])
+                    stops.append(first_stop)
+                with _no_model_generation_defaults(self.model):
+                    seqs = self.model.generate(
+                        input_ids=ids,
+                        attention_mask=mask,
+                        generation_config=hf_cfg,
+                        logits_processor=LogitsProcessorList([recorder]),
+                        stopping_criteria=stops,
+                    )
+                new = seqs[:, ids.shape[1] :]
+                lps = recorder.finish(new).cpu()
+                new = new.cpu()
+                steps = new.shape[1]
+                # Length of each rollout: up to and including the first EOS or stop-string token.
+                is_eos = torch.isin(new, eos)
+                first_eos = torch.where(is_eos.any(1), is_eos.float().argmax(1) + 1, steps + 1)
+                stop_len = torch.full_like(first_eos, steps + 1)
+                if first_stop is not None and first_stop.stop_at is not None:
+                    at = first_stop.stop_at.cpu()
+                    stop_len = torch.where(at > 0, at, stop_len)
+                length = torch.minimum(torch.minimum(first_eos, stop_len), torch.full_like(first_eos, steps))
                 for r, ci in enumerate(chunk):
-                    toks = new[r].tolist()
-                    finished = eos in toks
-                    length = toks.index(eos) + 1 if finished else len(toks)
-                    toks = toks[:length]
-                    text = tok.decode(toks[:-1] if finished else toks, skip_special_tokens=True)
-                    out[ci].append(Rollout(toks, lps[r, :length].tolist(), text, finished))
+                    n = int(length[r])
+                    toks = new[r, :n].tolist()
+                    ended_eos = int(first_eos[r]) <= n
+                    finished = ended_eos or int(stop_len[r]) <= n
+                    text = tok.decode(toks[:-1] if ended_eos else toks, skip_special_tokens=True)
+                    out[ci].append(Rollout(toks, lps[r, :n].tolist(), text, finished))
         finally:
             self.model.train(was_training)
         return out

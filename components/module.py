@@ -342,6 +342,7 @@ class PolicyModule(L.LightningModule):
         self._log_gate(groups)
         for cb in self.signal_callbacks:  # filter / re-weight whole groups
             groups = cb.on_groups(groups, self)
+        self.engine.sleep()  # the step's last generate is done: an engine sharing the device frees it
 
         t_update = time.perf_counter()
         batch = self.build_batch(groups) if groups else None
@@ -508,7 +509,7 @@ class PolicyModule(L.LightningModule):
     # ---- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()
     def _eval_prompts(self, prompts: list[Prompt]) -> None:
-        params = SamplingParams(self.eval_cfg.temperature, 1.0, self.sampling.max_new_tokens)
+        params = SamplingParams(self.eval_cfg.temperature, 1.0, self.sampling.max_new_tokens, list(self.sampling.stop))
         k = self.eval_cfg.samples
         outs = self.engine.generate([self.context_of(p) for p in prompts], [k] * len(prompts), params)
         for p, rs in zip(prompts, outs):
@@ -541,7 +542,21 @@ class PolicyModule(L.LightningModule):
         for k, v in self._eval_results().items():
             self.log(k, v, prog_bar=k == "eval/pass_at_1", batch_size=1)
 
+    def _start_engine(self) -> None:
+        """An engine with its own weights (vLLM) is built on this rank's device and loads the
+        policy's current weights: at the start of training, after the checkpoint is restored."""
+        self.engine.start(self.policy, device=self.device, rank=self.global_rank, world_size=self.trainer.world_size)
+        self._engine_started = True
+
+    def on_validation_start(self) -> None:
+        if not getattr(self, "_engine_started", False):  # validate-only runs, sanity checks
+            self._start_engine()
+
+    def on_validation_end(self) -> None:
+        self.engine.sleep()
+
     def on_train_start(self) -> None:
+        self._start_engine()
         if self.eval_cfg.at_start and self.global_step == 0 and self.trainer.datamodule.heldout:
             dm = self.trainer.datamodule
             for start in range(0, len(dm.heldout), 256):

@@ -49,20 +49,30 @@ def test_recipe_fit_on_cuda(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM not installed")
-def test_vllm_engine_generates_and_syncs(tmp_path):
+def test_vllm_engine_generates_sleeps_and_syncs():
+    """The real vLLM (never run for this project so far): sleep mode with two generates per step,
+    a sync after a weight change, and sampling log-probs equal to the policy's teacher-forced ones."""
     from components.vllm_engine import VLLMEngine
 
     model, tok = load_policy("embedded:tiny")
-    model.save_pretrained(tmp_path)
-    tok.save_pretrained(tmp_path)
-    model, tok = load_policy(str(tmp_path))
-    eng = VLLMEngine(gpu_memory_utilization=0.2, dtype="float32")
-    eng.bind(model.cuda(), tok)
+    model = model.cuda()
+    eng = VLLMEngine(gpu_memory_utilization=0.2, dtype="float32", enable_sleep_mode=True)
+    eng.bind(model, tok)
+    eng.start(model, device=torch.device("cuda", torch.cuda.current_device()))
     ctx = encode_prompt(tok, "12 + 30 =")
-    out = eng.generate([ctx, ctx], [3, 0], SamplingParams(1.0, 1.0, 6))
-    assert len(out[0]) == 3 and out[1] == []
+    for _ in range(2):
+        out = eng.generate([ctx, ctx], [3, 0], SamplingParams(1.0, 1.0, 6))
+        assert len(out[0]) == 3 and out[1] == []
+    eng.sleep()
     with torch.no_grad():
         for p in model.parameters():
-            p.mul_(0.0)
-    eng.sync_weights(model)  # all-zero weights: logits are uniform, so generation still runs
-    assert len(eng.generate([ctx], [2], SamplingParams(1.0, 1.0, 4))[0]) == 2
+            p.mul_(0.5)
+    eng.sync_weights(model)
+    for r in eng.generate([ctx], [4], SamplingParams(1.0, 1.0, 6))[0]:
+        ids = torch.tensor([ctx + r.token_ids], device="cuda")
+        with torch.no_grad():
+            logits = model(ids).logits[0, len(ctx) - 1 : -1].float()
+        lp = torch.log_softmax(logits, -1).gather(1, ids[0, len(ctx) :, None]).squeeze(1).cpu()
+        assert (lp - torch.tensor(r.logprobs)).abs().max() < 1e-3
+    greedy = eng.generate([ctx], [2], SamplingParams(0.0, 1.0, 6))[0]
+    assert greedy[0].token_ids == greedy[1].token_ids
