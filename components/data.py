@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from components.errors import ConfigError
+from components.prefilter import PrefilterConfig, apply_prefilter
 from components.types import Prompt, stable_uid
 
 Verifier = Callable[[str, Prompt], float]
@@ -66,8 +67,13 @@ class FileTask:
 def _rg_items(task: ReasoningGymTask, seed: int, size: int) -> tuple[list[dict], Any]:
     import reasoning_gym
 
+    from components.tasks import LOCAL_TASKS, create_local_dataset
+
     try:
-        ds = reasoning_gym.create_dataset(task.name, seed=seed, size=size, **task.config)
+        if task.name in LOCAL_TASKS:  # the project's own generators (components/tasks.py) first
+            ds = create_local_dataset(task.name, seed=seed, size=size, **task.config)
+        else:
+            ds = reasoning_gym.create_dataset(task.name, seed=seed, size=size, **task.config)
     except Exception as e:  # reasoning-gym raises KeyError / AssertionError / TypeError variously
         raise ConfigError(f"data.tasks[{task.name}]", f"reasoning-gym could not build it: {e}") from e
     return [ds[i] for i in range(size)], ds
@@ -198,6 +204,8 @@ class PromptDataModule(L.LightningDataModule):
             in the training pool come first; only a task whose item space is too small to avoid
             overlap (1-digit sums) fills its share with training items.
         seed: seeds the pool and the training stream.
+        prefilter: keep only training prompts the initial policy solves between a min and a max
+            count of k samples (components/prefilter.py; cached on disk). None: no filter.
     """
 
     def __init__(
@@ -208,6 +216,7 @@ class PromptDataModule(L.LightningDataModule):
         train_size: int = 2000,
         heldout_size: int = 300,
         seed: int = 0,
+        prefilter: PrefilterConfig | None = None,
     ) -> None:
         super().__init__()
         self.tasks = list(tasks) if tasks is not None else ([] if files else default_tasks())
@@ -223,6 +232,8 @@ class PromptDataModule(L.LightningDataModule):
         self.train_size = train_size
         self.heldout_size = heldout_size
         self.seed = seed
+        self.prefilter = prefilter
+        self.prefilter_report = None
         self.verifiers: dict[str, Verifier] = {}
         self.train_pool: PromptPool | None = None
         self.heldout: list[Prompt] = []
@@ -253,7 +264,9 @@ class PromptDataModule(L.LightningDataModule):
                 raise ConfigError("data.tasks.prompt_template", f"{task.prompt_template!r} names a missing field {e}") from e
             ref = (it.get("metadata") or {}).get("answer_cot")
             item_key = [task.name, task.config, it["question"], str(it["answer"])]
-            out.append(Prompt(stable_uid(key, item_key), key, text, str(it["answer"]), dict(it), task.tag or task.name, ref))
+            uid = stable_uid(key, item_key)
+            marker = getattr(ds, "answer_marker", None)  # set by worked-steps tasks (components/tasks.py)
+            out.append(Prompt(uid, key, text, str(it["answer"]), dict(it), task.tag or task.name, ref, marker))
         return out
 
     def _file_prompts(self, ft: FileTask, i: int) -> tuple[list[Prompt], list[Prompt]]:
@@ -310,6 +323,8 @@ class PromptDataModule(L.LightningDataModule):
             train += tr
             held += he
             weights += [ft.weight / max(len(tr), 1)] * len(tr)
+        if self.prefilter is not None and train:
+            train, weights, self.prefilter_report = apply_prefilter(self.prefilter, train, weights, self.verifier, self.trainer)
         if not train:
             raise ConfigError("data", "the training pool is empty: check data.tasks sizes and data.files contents")
         self.train_pool = PromptPool(train, weights)
