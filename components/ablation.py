@@ -43,23 +43,36 @@ PASS_AT_1 = "eval/pass_at_1"
 CUM_TOKENS = "budget/cum_tokens"
 CUM_ROLLOUTS = "budget/cum_rollouts"
 CUM_TOKENS_NZ = "budget/cum_tokens_nonzero_adv"
+CUM_TRAIN_S = "time/cum_train_s"  # cumulative training wall seconds, evaluation excluded (logged by the module)
+CUM_OPT_STEPS = "budget/cum_optimizer_steps"  # optimizer updates (several per generation batch)
+# Tokens forwarded through the policy (sampling plus pilot, hint-writing and scoring passes), under
+# the names the module may log them; the first one a run has is reported.
+CUM_FORWARDED = ("budget/cum_tokens_forwarded", "budget/cum_forwarded_tokens")
 OPEN_FRAC = "gate/open_frac"
 TIME_METRICS = ("time/generate_s", "time/score_s", "time/update_s")
 BUDGET_CAP = "components.callbacks.budget.BudgetCap"
+# The cost axes every comparison reports. ``steps`` are training steps = generation batches (what the
+# papers call steps); ``train_s`` is training wall time without evaluation.
+AXES = ("tokens", "steps", "train_s")
+AXIS_NAMES = {"tokens": "drawn tokens", "rollouts": "drawn rollouts", "steps": "steps", "train_s": "train s"}
 TOL = 1e-9  # a curve "reaches" a target it equals up to float noise
 
 
 # ---- what to run -------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Budget:
-    """The drawn-cost cap every run of an ablation gets: ``tokens`` (generated) or ``rollouts``."""
+    """The cap every run of an ablation gets, on one cost axis: ``tokens`` (generated), ``rollouts``
+    (drawn), ``steps`` (training steps = generation batches) or ``train_s`` (training wall seconds,
+    evaluation excluded)."""
 
     kind: str
     value: int
 
+    KINDS = ("tokens", "rollouts", "steps", "train_s")
+
     def __post_init__(self) -> None:
-        if self.kind not in ("tokens", "rollouts"):
-            raise ValueError(f"budget kind must be 'tokens' or 'rollouts', got {self.kind!r}")
+        if self.kind not in self.KINDS:
+            raise ValueError(f"budget kind must be one of {', '.join(self.KINDS)}, got {self.kind!r}")
         if self.value <= 0:
             raise ValueError(f"budget must be positive, got {self.value}")
 
@@ -73,25 +86,54 @@ class Budget:
 
     @property
     def metric(self) -> str:
-        return CUM_TOKENS if self.kind == "tokens" else CUM_ROLLOUTS
+        return {"tokens": CUM_TOKENS, "rollouts": CUM_ROLLOUTS, "steps": "", "train_s": CUM_TRAIN_S}[self.kind]
+
+    def cap_args(self, max_steps: int) -> tuple[dict[str, Any] | None, int]:
+        """The ``BudgetCap`` init args (None: no cap callback) and the trainer's step limit for this
+        budget: a step budget is the trainer's own ``max_steps``; the others stop through the cap."""
+        if self.kind == "steps":
+            return None, self.value
+        return {f"max_{self.kind}": self.value}, max_steps
 
 
 def stem(path: str) -> str:
     return Path(path).stem
 
 
-def label_of(recipe: str, overlays: Sequence[str] = ()) -> str:
-    """``<overlay stems>+<recipe stem>``: the same name the CLI gives the run's ``recipe`` tag."""
-    return "+".join([stem(o) for o in overlays] + [stem(recipe)])
+def label_of(recipe: str, overlays: Sequence[str] = (), after: Sequence[str] = ()) -> str:
+    """``<overlay stems>+<recipe stem>+<regime stems>``: the same name the CLI gives the run's
+    ``recipe`` tag (the config files' stems in the order they are composed)."""
+    return "+".join([stem(o) for o in overlays] + [stem(recipe)] + [stem(a) for a in after])
+
+
+REGIME_DIR = "configs/regimes"
+
+
+def regime_files(name: str, root: Path | None = None) -> tuple[str, ...]:
+    """The overlay files of a regime name: ``dense`` -> configs/regimes/dense.yaml; regimes combine
+    with ``+`` (``sparse+filtered_ada``: composed in that order, after the recipe, as the regime
+    presets are written to be used). Raises ``ValueError`` naming the valid regimes."""
+    out = []
+    for part in name.split("+"):
+        path = f"{REGIME_DIR}/{part}.yaml"
+        if not _resolve(path, root).is_file():
+            valid = (
+                sorted(p.stem for p in _resolve(REGIME_DIR, root).glob("*.yaml")) if _resolve(REGIME_DIR, root).is_dir() else []
+            )
+            raise ValueError(f"regime {part!r}: no {path} (valid: {', '.join(valid) or 'none yet'})")
+        out.append(path)
+    return tuple(out)
 
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One run of an ablation: a recipe file, the overlays composed before it, a seed."""
+    """One run of an ablation: a recipe file, the overlays composed before it, a seed, and the
+    regime overlays composed after it."""
 
     recipe: str
     overlays: tuple[str, ...] = ()
     seed: int = 0
+    regime: tuple[str, ...] = ()
 
     @property
     def recipe_name(self) -> str:
@@ -99,22 +141,30 @@ class RunSpec:
 
     @property
     def variant(self) -> str:
-        """The overlay set as a name ('' when none): rows are compared within a variant."""
-        return "+".join(stem(o) for o in self.overlays)
+        """The overlay set and regime as a name ('' when none): rows are compared within a variant."""
+        return "+".join(stem(o) for o in (*self.overlays, *self.regime))
 
     @property
     def label(self) -> str:
-        return label_of(self.recipe, self.overlays)
+        return label_of(self.recipe, self.overlays, self.regime)
+
+    @property
+    def configs(self) -> tuple[str, ...]:
+        """The config files in the order they are composed."""
+        return (*self.overlays, self.recipe, *self.regime)
 
     @property
     def key(self) -> str:
         """Identity of the run inside an ablation (stored as the ``ablation_key`` tag)."""
-        return json.dumps({"recipe": self.recipe, "overlays": list(self.overlays), "seed": self.seed}, sort_keys=True)
+        key: dict[str, Any] = {"recipe": self.recipe, "overlays": list(self.overlays), "seed": self.seed}
+        if self.regime:  # absent when empty, so runs made before regimes existed keep their identity
+            key["regime"] = list(self.regime)
+        return json.dumps(key, sort_keys=True)
 
     def files_sha(self, root: Path | None = None) -> str:
         """Hash of the recipe and overlay files' contents: an edited recipe is a different run."""
         h = hashlib.sha1()
-        for p in (*self.overlays, self.recipe):
+        for p in (*self.overlays, self.recipe, *self.regime):
             h.update(_resolve(p, root).read_bytes())
         return h.hexdigest()[:12]
 
@@ -174,16 +224,17 @@ def fit_command(
     the identity tags must come back exactly.
     """
     cmd = [python, "-m", "components.cli", "fit"]
-    for path in (*spec.overlays, spec.recipe):
+    for path in spec.configs:
         cmd += ["--config", str(_resolve(path, root).resolve())]
     cmd += list(extra_args)
-    cap = {"class_path": BUDGET_CAP, "init_args": {f"max_{budget.kind}": budget.value}}
+    cap_args, max_steps = budget.cap_args(max_steps)
     logger = {
         "class_path": "lightning.pytorch.loggers.MLFlowLogger",
         "init_args": {"experiment_name": experiment, "tracking_uri": tracking_uri, "run_name": f"{spec.label}-s{spec.seed}"},
     }
+    if cap_args is not None:
+        cmd.append(f"--trainer.callbacks+={json.dumps({'class_path': BUDGET_CAP, 'init_args': cap_args})}")
     cmd += [
-        f"--trainer.callbacks+={json.dumps(cap)}",
         "--trainer.max_steps", str(max_steps),
         "--seed_everything", str(spec.seed),
         "--trainer.logger", json.dumps(logger),
@@ -241,6 +292,112 @@ def plan(specs: Sequence[RunSpec], runs: Iterable[Any], ablation_id: str, settin
         out.todo.append(spec)
         out.stale_run_ids += [r.info.run_id for r in runs_of if r.info.status == "RUNNING"]
     return out
+
+
+# ---- recipes: matched controls and method keys ---------------------------------------------------
+@dataclass(frozen=True)
+class RecipeHeader:
+    """What a recipe's header comment declares about the comparison it belongs to.
+
+    ``# control: recipes/x.yaml`` (or ``none``) names the matched control from the method's paper;
+    ``# method keys: a.b c.d`` lists the config keys (dotted prefixes) that are the method: the only
+    keys in which the recipe may differ from its control (and the control from the shared base, the
+    module's defaults). ``# authors variant of: recipes/x.yaml`` marks a paper's full training
+    settings (recipes/authors/), which comparisons do not use.
+    """
+
+    path: str
+    control: str | None
+    method_keys: tuple[str, ...]
+    authors_of: str | None = None
+
+
+def recipe_header(path: str | Path, root: Path | None = None) -> RecipeHeader:
+    """Parse the ``# control:`` / ``# method keys:`` / ``# authors variant of:`` header lines."""
+    p = _resolve(str(path), root)
+    fields: dict[str, str] = {}
+    for line in p.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        key, sep, value = line.lstrip("# ").partition(":")
+        if sep and key in ("control", "method keys", "authors variant of"):
+            fields[key] = value.strip()
+    control = fields.get("control")
+    return RecipeHeader(
+        path=str(path),
+        control=None if control in (None, "", "none") else control,
+        method_keys=tuple(fields.get("method keys", "").split()),
+        authors_of=fields.get("authors variant of"),
+    )
+
+
+def with_controls(recipes: Sequence[str], root: Path | None = None) -> list[str]:
+    """``recipes`` with each one's matched control added (before it, once), as the runner runs them."""
+    out: list[str] = []
+    for r in recipes:
+        ctl = recipe_header(r, root).control
+        if ctl is not None and ctl not in out:
+            out.append(ctl)
+        if r not in out:
+            out.append(r)
+    return out
+
+
+def controls_by_name(recipes: Sequence[str], root: Path | None = None) -> dict[str, str]:
+    """Recipe name -> its matched control's name, for :func:`summarize`."""
+    out = {}
+    for r in recipes:
+        ctl = recipe_header(r, root).control
+        if ctl is not None:
+            out[stem(r)] = stem(ctl)
+    return out
+
+
+def resolved_config(paths: Sequence[str | Path]) -> dict[str, Any]:
+    """The full config ``curate-rl fit --config <paths...>`` resolves to (``--print_config``),
+    without the ``config`` entry (the list of files)."""
+    import contextlib
+
+    import yaml
+
+    from components.cli import main
+
+    args = ["fit"]
+    for path in paths:
+        args += ["--config", str(path)]
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.suppress(SystemExit):
+        main([*args, "--print_config"])
+    cfg = yaml.safe_load(buf.getvalue())
+    if not isinstance(cfg, dict):
+        raise ValueError(f"--print_config of {list(map(str, paths))} printed no config: {buf.getvalue()[:500]}")
+    cfg.pop("config", None)
+    return cfg
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as ``a.b.c`` keys (lists stay values: a list of callbacks is one setting)."""
+    if isinstance(cfg, dict):
+        out: dict[str, Any] = {}
+        for k, v in cfg.items():
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: cfg}
+
+
+def _under(key: str, prefixes: Iterable[str]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def differences_outside(a: dict[str, Any], b: dict[str, Any], allowed: Iterable[str]) -> list[str]:
+    """Dotted keys where configs ``a`` and ``b`` differ (a value, or present in one only) that are
+    not under any of the ``allowed`` prefixes: what would make a comparison unfair."""
+    fa, fb = flatten(a), flatten(b)
+    allowed = tuple(allowed)
+    return sorted(k for k in set(fa) | set(fb) if fa.get(k, _MISSING) != fb.get(k, _MISSING) and not _under(k, allowed))
+
+
+_MISSING = object()
 
 
 # ---- reading MLflow -----------------------------------------------------------------------------
@@ -303,14 +460,23 @@ def eval_points(evals: History, cum: dict[str, History]) -> tuple[dict[str, np.n
 
 @dataclass
 class Curve:
-    """One eval metric of one run: values at eval points with their cost on both axes."""
+    """One eval metric of one run: values at eval points with their cost on each axis (``steps``
+    and ``train_s`` may be None for curves made by hand)."""
 
     tokens: np.ndarray
     rollouts: np.ndarray
     values: np.ndarray
+    steps: np.ndarray | None = None
+    train_s: np.ndarray | None = None
 
     def x(self, kind: str) -> np.ndarray:
-        return self.tokens if kind == "tokens" else self.rollouts
+        x = getattr(self, kind) if kind in Budget.KINDS else None
+        if x is None:
+            raise ValueError(f"this curve has no {kind!r} axis")
+        return x
+
+    def has(self, kind: str) -> bool:
+        return getattr(self, kind, None) is not None
 
 
 @dataclass
@@ -329,30 +495,60 @@ class RunResult:
     wall_s: float
     train_s: float
     budget: str | None = None  # the ``ablation_settings`` budget, when the run came from ablate.py
+    final_steps: float = math.nan  # training steps (generation batches)
+    optimizer_steps: float = math.nan  # optimizer updates (``budget/cum_optimizer_steps``), NaN if not logged
+    forwarded_tokens: float = math.nan  # tokens forwarded through the policy, NaN if not logged
 
     @property
     def group(self) -> tuple[str, str]:
         return (self.variant, self.recipe)
 
 
+def step_histories(client: Any, rid: str) -> dict[str, History]:
+    """The cumulative cost of a run on every axis, one entry per training step.
+
+    ``steps`` counts training steps (the i-th entry of the token history is step i + 1).
+    ``train_s`` is ``time/cum_train_s`` when the run logged it, else the running sum of the
+    per-step generate + score + update seconds (the same quantity, evaluation excluded).
+    """
+    tokens = history(client, rid, CUM_TOKENS)
+    out = {"tokens": tokens, "rollouts": history(client, rid, CUM_ROLLOUTS)}
+    out["steps"] = [(s, ts, float(i + 1)) for i, (s, ts, _) in enumerate(tokens)]
+    train = history(client, rid, CUM_TRAIN_S)
+    if not train:
+        per_step: dict[int, float] = defaultdict(float)
+        for k in TIME_METRICS:
+            for s, _, v in history(client, rid, k):
+                per_step[s] += v
+        total, train = 0.0, []
+        for s, ts, _ in tokens:
+            total += per_step.get(s, 0.0)
+            train.append((s, ts, total))
+    out["train_s"] = train
+    return out
+
+
 def load_result(client: Any, run: Any, metrics: Sequence[str] = (PASS_AT_1,)) -> RunResult:
     """Read one run's curves (``get_metric_history``) and summary numbers."""
     rid, tags = run.info.run_id, run.data.tags
-    cum = {"tokens": history(client, rid, CUM_TOKENS), "rollouts": history(client, rid, CUM_ROLLOUTS)}
+    cum = step_histories(client, rid)
     if not cum["tokens"]:
         raise ValueError(f"run {rid} logged no {CUM_TOKENS}: not a curate-rl training run")
+    if not cum["rollouts"]:
+        cum.pop("rollouts")
     curves = {}
     for key in metrics:
         h = history(client, rid, key)
         if h:
             xs, ys = eval_points(h, cum)
-            curves[key] = Curve(xs["tokens"], xs["rollouts"], ys)
+            nan = np.full(len(ys), math.nan)
+            curves[key] = Curve(xs["tokens"], xs.get("rollouts", nan), ys, xs["steps"], xs["train_s"])
     last = run.data.metrics
     open_h = history(client, rid, OPEN_FRAC)
-    train_s = sum(v for k in TIME_METRICS for _, _, v in history(client, rid, k))
     settings = tags.get("ablation_settings")
     seed = tags.get("seed") or run.data.params.get("seed_everything") or rid[:8]
     tokens = cum["tokens"][-1][2]
+    forwarded = next((last[k] for k in CUM_FORWARDED if k in last), math.nan)
     return RunResult(
         run_id=rid,
         recipe=tags.get("ablation_recipe") or tags.get("recipe") or run.info.run_name or rid[:8],
@@ -360,12 +556,15 @@ def load_result(client: Any, run: Any, metrics: Sequence[str] = (PASS_AT_1,)) ->
         seed=str(seed),
         curves=curves,
         final_tokens=tokens,
-        final_rollouts=cum["rollouts"][-1][2] if cum["rollouts"] else math.nan,
+        final_rollouts=cum["rollouts"][-1][2] if "rollouts" in cum else math.nan,
         nonzero_token_share=last.get(CUM_TOKENS_NZ, math.nan) / tokens if tokens else math.nan,
         open_frac_mean=float(np.mean([v for _, _, v in open_h])) if open_h else math.nan,
         wall_s=((run.info.end_time or run.info.start_time) - run.info.start_time) / 1000.0,
-        train_s=train_s,
+        train_s=cum["train_s"][-1][2] if cum["train_s"] else math.nan,
         budget=json.loads(settings)["budget"] if settings else None,
+        final_steps=float(len(cum["tokens"])),
+        optimizer_steps=last.get(CUM_OPT_STEPS, math.nan),
+        forwarded_tokens=forwarded,
     )
 
 
@@ -435,16 +634,19 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 def common_grid(results: Sequence[RunResult], kind: str, budget: float, n: int = 201) -> np.ndarray:
     """From 0 to the furthest run end (>= budget): every run is compared on the same x."""
-    end = max([budget] + [float(c.x(kind)[-1]) for r in results for c in r.curves.values() if len(c.values)])
-    return np.linspace(0.0, end, n)
+    ends = [float(c.x(kind)[-1]) for r in results for c in r.curves.values() if len(c.values) and c.has(kind)]
+    return np.linspace(0.0, max([budget, *ends]), n)
 
 
 def mean_curve(curves: Sequence[Curve], kind: str, grid: np.ndarray) -> dict[str, np.ndarray]:
-    """Seeds interpolated onto ``grid``: mean, min, max, std of the values and the mean of both axes."""
+    """Seeds interpolated onto ``grid`` of axis ``kind``: mean, min, max, std of the values, and the
+    mean of every other axis all curves have at the same points."""
     ys = np.stack([np.interp(grid, c.x(kind), c.values) for c in curves])
-    other = "rollouts" if kind == "tokens" else "tokens"
-    xo = np.stack([np.interp(grid, c.x(kind), c.x(other)) for c in curves])
-    return {"mean": ys.mean(0), "min": ys.min(0), "max": ys.max(0), "std": ys.std(0), kind: grid, other: xo.mean(0)}
+    out = {"mean": ys.mean(0), "min": ys.min(0), "max": ys.max(0), "std": ys.std(0), kind: grid}
+    for other in Budget.KINDS:
+        if other != kind and all(c.has(other) for c in curves):
+            out[other] = np.stack([np.interp(grid, c.x(kind), c.x(other)) for c in curves]).mean(0)
+    return out
 
 
 def start_mismatches(results: Sequence[RunResult], tol: float = 1e-9) -> list[str]:
@@ -481,7 +683,28 @@ class Block:
     tokens_to_target: float | None  # on the mean-over-seeds curve
     rollouts_to_target: float | None
     seeds_reached: int  # seeds whose own curve reached the target
-    ratio: float | None = None  # tokens (or rollouts, per the budget) to target / the baseline's
+    ratio: float | None = None  # cost on the budget's axis to target / the baseline's
+    cost_to_target: dict[str, float | None] = field(default_factory=dict)  # every axis, mean curve
+
+
+@dataclass
+class ControlComparison:
+    """A recipe against its matched control (same variant): the cost to reach the control's final
+    mean pass@1 on every axis, the control's own cost to reach it, and the gaps in final and AUC."""
+
+    control: str
+    target: float | None  # the control's final mean pass@1
+    cost: dict[str, float | None]  # axis -> this recipe's cost to the target (mean-over-seeds curve)
+    control_cost: dict[str, float | None]  # axis -> the control's cost to its own final
+    seeds_reached: int
+    n_seeds: int
+    final_delta: float  # this recipe's final mean - the control's
+    auc_delta: float  # AUC (on the budget's axis) mean - the control's
+
+    def ratio(self, axis: str) -> float | None:
+        """Cost to the target over the control's (< 1: the recipe gets there cheaper)."""
+        num, den = self.cost.get(axis), self.control_cost.get(axis)
+        return num / den if num is not None and den else None
 
 
 @dataclass
@@ -497,6 +720,10 @@ class Row:
     tokens: float
     rollouts: float
     is_baseline: bool = False
+    steps: float = math.nan  # training steps (generation batches), mean over seeds
+    optimizer_steps: float = math.nan
+    forwarded_tokens: float = math.nan
+    control: ControlComparison | None = None
 
     @property
     def label(self) -> str:
@@ -510,10 +737,12 @@ def _block(results: Sequence[RunResult], metric: str, kind: str, budget: float, 
         return Block(metric, nan, nan, nan, target, None, None, 0)
     tok = rol = None
     reached = 0
+    costs: dict[str, float | None] = {}
     if target is not None:
         mc = mean_curve(curves, kind, grid)
         cross = crossing(mc["mean"], target)
-        tok, rol = x_at(mc["tokens"], cross), x_at(mc["rollouts"], cross)
+        costs = {a: x_at(mc[a], cross) for a in Budget.KINDS if a in mc}
+        tok, rol = costs.get("tokens"), costs.get("rollouts")
         reached = sum(crossing(c.values, target) is not None for c in curves)
     return Block(
         metric=metric,
@@ -524,6 +753,43 @@ def _block(results: Sequence[RunResult], metric: str, kind: str, budget: float, 
         tokens_to_target=tok,
         rollouts_to_target=rol,
         seeds_reached=reached,
+        cost_to_target=costs,
+    )
+
+
+def cost_to_target(curves: Sequence[Curve], target: float, axis: str, grid: np.ndarray) -> float | None:
+    """Where the mean-over-seeds curve along ``axis`` first reaches ``target`` (None: never)."""
+    curves = [c for c in curves if len(c.values) and c.has(axis)]
+    if not curves:
+        return None
+    # Every curve's own eval points join the grid: the mean of piecewise-linear curves is then
+    # piecewise linear on it, and the crossing is exact rather than snapped to the grid.
+    grid = np.unique(np.concatenate([grid, *[c.x(axis) for c in curves]]))
+    return x_at(grid, crossing(mean_curve(curves, axis, grid)["mean"], target))
+
+
+def compare_to_control(
+    runs: Sequence[RunResult], control_runs: Sequence[RunResult], control: str, budget: Budget, grids: dict[str, np.ndarray]
+) -> ControlComparison:
+    """The :class:`ControlComparison` of ``runs`` (one recipe's seeds) against ``control_runs``."""
+    cur = [r.curves[PASS_AT_1] for r in runs if PASS_AT_1 in r.curves and len(r.curves[PASS_AT_1].values)]
+    ctl = [r.curves[PASS_AT_1] for r in control_runs if PASS_AT_1 in r.curves and len(r.curves[PASS_AT_1].values)]
+    nan = math.nan
+    if not cur or not ctl:
+        return ControlComparison(control, None, {}, {}, 0, len(cur), nan, nan)
+    target = float(np.mean([c.values[-1] for c in ctl]))
+    axes = [a for a in grids if all(c.has(a) for c in cur + ctl)]
+    mine_auc = np.mean([auc(c.x(budget.kind), c.values, budget.value) for c in cur])
+    ctl_auc = np.mean([auc(c.x(budget.kind), c.values, budget.value) for c in ctl])
+    return ControlComparison(
+        control=control,
+        target=target,
+        cost={a: cost_to_target(cur, target, a, grids[a]) for a in axes},
+        control_cost={a: cost_to_target(ctl, target, a, grids[a]) for a in axes},
+        seeds_reached=sum(crossing(c.values, target) is not None for c in cur),
+        n_seeds=len(cur),
+        final_delta=float(np.mean([c.values[-1] for c in cur]) - target),
+        auc_delta=float(mine_auc - ctl_auc),
     )
 
 
@@ -533,8 +799,13 @@ def summarize(
     baseline: str | None = None,
     target: float | None = None,
     slice_metric: str | None = None,
+    controls: dict[str, str] | None = None,
 ) -> list[Row]:
     """One row per (variant, recipe), baseline first in each variant.
+
+    ``controls`` maps a recipe name to its matched control's name (see :func:`recipe_header`); a
+    row whose control ran in the same variant gets a :class:`ControlComparison` on every axis in
+    :data:`AXES` (plus the budget's).
 
     ``baseline``: a recipe name (``grpo``), a recipe path or a full label; the baseline row of the
     same variant sets the default ``target`` (its final mean pass@1) and the ratio denominators.
@@ -547,6 +818,8 @@ def summarize(
         groups[r.group].append(r)
     base_name = stem(baseline) if baseline and baseline.endswith((".yaml", ".yml")) else baseline
     grid = common_grid(results, budget.kind, budget.value) if results else np.zeros(1)
+    grids = {a: common_grid(results, a, budget.value if a == budget.kind else 0) for a in dict.fromkeys((*AXES, budget.kind))
+             if results and all(c.has(a) for r in results for c in r.curves.values())}  # fmt: skip
 
     def is_base(g: tuple[str, str]) -> bool:
         return base_name is not None and (g[1] == base_name or "+".join(x for x in g if x) == base_name)
@@ -579,14 +852,20 @@ def summarize(
                 tokens=float(np.mean([r.final_tokens for r in rs])),
                 rollouts=float(np.mean([r.final_rollouts for r in rs])),
                 is_baseline=g == base_key,
+                steps=float(np.mean([r.final_steps for r in rs])),
+                optimizer_steps=mean_std([r.optimizer_steps for r in rs])[0],
+                forwarded_tokens=mean_std([r.forwarded_tokens for r in rs])[0],
             ))  # fmt: skip
         base_row = next((r for r in rows if r.variant == variant and r.is_baseline), None)
         for row in (r for r in rows if r.variant == variant):
             for i, b in enumerate(row.blocks):
                 ref = base_row.blocks[i] if base_row is not None else None
-                num = b.tokens_to_target if budget.kind == "tokens" else b.rollouts_to_target
-                den = None if ref is None else (ref.tokens_to_target if budget.kind == "tokens" else ref.rollouts_to_target)
+                num = b.cost_to_target.get(budget.kind)
+                den = None if ref is None else ref.cost_to_target.get(budget.kind)
                 b.ratio = num / den if num is not None and den else None
+            ctl = (controls or {}).get(row.recipe)
+            if ctl is not None and ctl != row.recipe and (variant, ctl) in groups:
+                row.control = compare_to_control(groups[(variant, row.recipe)], groups[(variant, ctl)], ctl, budget, grids)
     return rows
 
 
@@ -603,6 +882,11 @@ def _k(x: float | None) -> str:
     return f"{x / 1000:.1f}k" if x >= 10_000 else f"{x:.0f}"
 
 
+def _n(x: float | None) -> str:
+    """A count, or — when the run did not log it."""
+    return "—" if x is None or math.isnan(x) else _k(x)
+
+
 def _metric_name(metric: str) -> str:
     return "pass@1" if metric == PASS_AT_1 else metric.removeprefix("eval/").replace("pass_at_1/", "pass@1 ")
 
@@ -615,7 +899,7 @@ def to_markdown(rows: Sequence[Row], budget: Budget, title: str = "", notes: Seq
     if rows:
         targets = ", ".join(f"{_metric_name(b.metric)} {b.target:.3f}" for b in rows[0].blocks if b.target is not None)
         lines += [
-            f"Budget: {budget.value:,} generated {budget.kind} per run. Target: {targets or 'none'}. "
+            f"Budget: {budget.value:,} {AXIS_NAMES[budget.kind]} per run. Target: {targets or 'none'}. "
             f"Baseline: {next((r.recipe for r in rows if r.is_baseline), 'none')}.",
             "",
         ]
@@ -636,7 +920,8 @@ def to_markdown(rows: Sequence[Row], budget: Budget, title: str = "", notes: Seq
                 "× baseline",
             ]
             if i == 0:
-                head += ["nonzero-adv token share", "open frac", "tokens drawn", "rollouts drawn", "wall s", "train s"]
+                head += ["nonzero-adv token share", "open frac", "tokens drawn", "rollouts drawn", "steps", "updates",
+                         "wall s", "train s"]  # fmt: skip
             lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
             for r in vrows:
                 b = r.blocks[i]
@@ -656,21 +941,50 @@ def to_markdown(rows: Sequence[Row], budget: Budget, title: str = "", notes: Seq
                         _pm(r.open_frac, ".2f"),
                         _k(r.tokens),
                         _k(r.rollouts),
+                        _n(r.steps),
+                        _n(r.optimizer_steps),
                         _pm(r.wall_s, ".0f"),
                         _pm(r.train_s, ".0f"),
                     ]
                 lines.append("| " + " | ".join(cells) + " |")
             lines.append("")
+        lines += control_table(vrows)
     lines += [
         "final: pass@1 at the budget stop; best: the highest eval; AUC: mean pass@1 over [0, budget] (area under the "
         "pass@1-vs-cost curve / budget); all mean ± std over seeds. Tokens/rollouts to target: where the mean-over-seeds "
         "curve first reaches the target (linear interpolation between evals); (k/n): seeds whose own curve reached it; "
         "× baseline: that cost over the baseline's (< 1 = cheaper). nonzero-adv token share: generated tokens that reached "
         "the loss with a non-zero advantage. open frac: mean share of groups with mixed rewards. wall s: MLflow run "
-        "duration (evals included); train s: generation + scoring + update time.",
+        "duration (evals included); train s: training wall seconds without evaluation (generation + scoring + update). "
+        "steps: training steps = generation batches (the papers' steps); updates: optimizer updates.",
         "",
     ]
     return "\n".join(lines)
+
+
+def _ratio(x: float | None) -> str:
+    return "—" if x is None else f"{x:.2f}×"
+
+
+def control_table(rows: Sequence[Row]) -> list[str]:
+    """Markdown lines of the matched-control comparison (empty when no row has a control)."""
+    rows = [r for r in rows if r.control is not None]
+    if not rows:
+        return []
+    axes = [a for a in dict.fromkeys(a for r in rows for a in r.control.cost)]
+    head = ["recipe", "matched control", "target (control final)"]
+    head += [f"{AXIS_NAMES[a]} to target (× control)" for a in axes] + ["seeds reached", "Δ final", "Δ AUC"]
+    lines = ["Against each recipe's matched control (the cost to reach the control's final mean pass@1):", ""]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        c = r.control
+        cells = [r.recipe, c.control, "—" if c.target is None else f"{c.target:.3f}"]
+        for a in axes:
+            x = c.cost.get(a)
+            cells.append("not reached" if x is None else f"{_k(x)} ({_ratio(c.ratio(a))})")
+        cells += [f"{c.seeds_reached}/{c.n_seeds}", f"{c.final_delta:+.3f}", f"{c.auc_delta:+.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def to_csv(rows: Sequence[Row]) -> str:
@@ -684,7 +998,9 @@ def to_csv(rows: Sequence[Row]) -> str:
     per_row = ["nonzero_token_share", "open_frac", "wall_s", "train_s"]
     head = ["variant", "recipe", "baseline", "n_seeds", "seeds"]
     head += [f"{b.metric}:{c}" for b in (rows[0].blocks if rows else []) for c in per_block]
-    head += [f"{c}_{s}" for c in per_row for s in ("mean", "std")] + ["tokens_mean", "rollouts_mean"]
+    head += [f"{c}_{s}" for c in per_row for s in ("mean", "std")] + ["tokens_mean", "rollouts_mean", "steps_mean"]
+    head += ["control", "control_target", "control_seeds_reached", "control_final_delta", "control_auc_delta"]
+    head += [f"{a}_to_control_target{suf}" for a in AXES for suf in ("", "_control", "_ratio")]
     out = io.StringIO()
     w = csv.writer(out)
     w.writerow(head)
@@ -693,7 +1009,13 @@ def to_csv(rows: Sequence[Row]) -> str:
         for b in r.blocks:
             cells += [num(v) for v in (*b.final, *b.best, *b.auc, b.target, b.tokens_to_target, b.rollouts_to_target)]
             cells += [b.seeds_reached, num(b.ratio)]
-        cells += [num(v) for c in per_row for v in getattr(r, c)] + [num(r.tokens), num(r.rollouts)]
+        cells += [num(v) for c in per_row for v in getattr(r, c)] + [num(r.tokens), num(r.rollouts), num(r.steps)]
+        c = r.control
+        if c is None:
+            cells += [""] * (5 + 3 * len(AXES))
+        else:
+            cells += [c.control, num(c.target), c.seeds_reached, num(c.final_delta), num(c.auc_delta)]
+            cells += [num(v) for a in AXES for v in (c.cost.get(a), c.control_cost.get(a), c.ratio(a))]
         w.writerow(cells)
     return out.getvalue()
 

@@ -135,7 +135,7 @@ class PolicyModule(L.LightningModule):
         loss: LossConfig = LossConfig(),
         optimizer: OptimizerCallable | None = None,
         ppo_epochs: int = 1,
-        num_minibatches: int = 1,
+        num_minibatches: int = 4,
         micro_batch_rows: int = 512,
         grad_clip: float = 1.0,
         skip_zero_advantage: bool = True,

@@ -109,10 +109,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         metavar="A.yaml[,B.yaml]",
         help="an overlay set composed before each recipe; repeat for several variants ('' = none)",
     )
+    ap.add_argument(
+        "--regime",
+        nargs="+",
+        metavar="NAME[+NAME]",
+        help="regime presets (configs/regimes/NAME.yaml, composed after each recipe; '+' combines); one variant each",
+    )
+    ap.add_argument("--no-controls", action="store_true", help="do not add each recipe's matched control (its header)")
     cap = ap.add_mutually_exclusive_group()
     cap.add_argument("--max-tokens", type=int, help="budget: cumulative generated tokens per run")
     cap.add_argument("--max-rollouts", type=int, help="budget: cumulative drawn rollouts per run")
-    ap.add_argument("--max-steps", type=int, default=1_000_000, help="trainer.max_steps (must not bind before the budget)")
+    cap.add_argument("--max-steps", type=int, help="budget: training steps (generation batches) per run")
+    cap.add_argument("--max-train-s", type=int, help="budget: training wall seconds per run (evaluation excluded)")
+    ap.add_argument("--step-limit", type=int, default=1_000_000, help="trainer.max_steps under a non-step budget (must not bind)")
     ap.add_argument("--jobs", type=int, default=1, help="runs side by side, one thread each (2 on a 2-core machine)")
     ap.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
     ap.add_argument("--experiment", default="curate-rl-ablations")
@@ -130,18 +139,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.extra = list(preset.get("extra", [])) + extra
     args.seeds = args.seeds or preset.get("seeds", [0, 1, 2])
     args.slice = args.slice or preset.get("slice")
-    if args.max_tokens:
-        args.budget = ab.Budget("tokens", args.max_tokens)
-    elif args.max_rollouts:
-        args.budget = ab.Budget("rollouts", args.max_rollouts)
-    else:
-        args.budget = preset.get("budget")
+    caps = {"tokens": args.max_tokens, "rollouts": args.max_rollouts, "steps": args.max_steps, "train_s": args.max_train_s}
+    given = [(k, v) for k, v in caps.items() if v]
+    args.budget = ab.Budget(*given[0]) if given else preset.get("budget")
     recipes = args.recipes or preset.get("recipes") or []
     args.recipe_paths = expand_recipes([recipes] if isinstance(recipes, str) else recipes)
+    if not (args.no_controls or preset.get("no_controls")):
+        args.recipe_paths = ab.with_controls(args.recipe_paths, ROOT)
+    regimes = args.regime or preset.get("regimes") or []
+    try:
+        args.regime_sets = [ab.regime_files(r, ROOT) for r in regimes] or [()]
+    except ValueError as e:
+        ap.error(str(e))
     args.baseline = args.baseline or preset.get("baseline") or (args.recipe_paths[0] if args.recipe_paths else None)
     args.overlay_sets = [tuple(norm(p) for p in s.split(",") if p) for s in (args.overlays or [""])]
     if not args.report_only and (not args.recipe_paths or args.budget is None):
-        ap.error("give --recipes and --max-tokens/--max-rollouts, or a --preset")
+        ap.error("give --recipes and a budget (--max-tokens/--max-rollouts/--max-steps/--max-train-s), or a --preset")
     return args
 
 
@@ -182,7 +195,13 @@ def run_one(cmd: list[str], env_updates: dict[str, str], run_dir: Path) -> tuple
 
 
 def run_ablation(args: argparse.Namespace, client, exp_id: str, settings: str) -> int:
-    specs = [ab.RunSpec(r, ov, s) for ov in args.overlay_sets for r in args.recipe_paths for s in args.seeds]
+    specs = [
+        ab.RunSpec(r, ov, s, rg)
+        for ov in args.overlay_sets
+        for rg in args.regime_sets
+        for r in args.recipe_paths
+        for s in args.seeds
+    ]
     existing = ab.ablation_runs(client, [exp_id], args.ablation_id)
     try:
         plan = ab.plan(specs, existing, args.ablation_id, settings, ROOT)
@@ -203,7 +222,7 @@ def run_ablation(args: argparse.Namespace, client, exp_id: str, settings: str) -
             experiment=args.experiment,
             settings=settings,
             extra_args=args.extra,
-            max_steps=args.max_steps,
+            max_steps=args.step_limit,
             root=ROOT,
         )
         for spec in plan.todo
@@ -259,8 +278,14 @@ def report(args: argparse.Namespace, client, exp_id: str) -> None:
     if args.baseline is None:  # report-only without recipes: grpo when present, else the first
         names = sorted({r.recipe for r in results})
         args.baseline = "grpo" if "grpo" in names else names[0]
+    controls = ab.controls_by_name([str(p) for p in sorted((ROOT / "recipes").glob("*.yaml"))], ROOT)
     rows = ab.summarize(
-        results, budget, baseline=args.baseline, target=args.target, slice_metric=metrics[1] if args.slice else None
+        results,
+        budget,
+        baseline=args.baseline,
+        target=args.target,
+        slice_metric=metrics[1] if args.slice else None,
+        controls=controls,
     )
     name = args.ablation_id or args.experiment
     out = Path(args.out) / name / "report"
@@ -289,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args.tracking_uri = ab.resolve_tracking_uri(args.tracking_uri, Path.cwd())
     client = MlflowClient(args.tracking_uri)
-    settings = ab.settings_of(args.budget, args.extra, args.max_steps) if args.budget else None
+    settings = ab.settings_of(args.budget, args.extra, args.step_limit) if args.budget else None
     if args.ablation_id is None and settings is not None and (not args.report_only or args.preset or args.recipes):
         args.ablation_id = ab.default_ablation_id(args.preset or "ablation", settings)
     exp = client.get_experiment_by_name(args.experiment)

@@ -314,7 +314,7 @@ def test_presets_resolve_recipes_by_glob():
     script = importlib.util.module_from_spec(mod_spec)
     mod_spec.loader.exec_module(script)
     args = script.parse_args(["--preset", "embedded"])
-    assert args.recipe_paths == sorted(str(p.relative_to(ROOT)) for p in (ROOT / "recipes").glob("*.yaml"))
+    assert sorted(args.recipe_paths) == sorted(str(p.relative_to(ROOT)) for p in (ROOT / "recipes").glob("*.yaml"))
     assert args.seeds == [0, 1, 2] and args.budget.kind == "tokens" and args.baseline == "recipes/grpo.yaml"
     smoke = script.parse_args(["--preset", "smoke", "--", "--data.seed", "1"])
     assert len(smoke.recipe_paths) == 2 and smoke.seeds == [0, 1] and smoke.extra[-2:] == ["--data.seed", "1"]
@@ -329,3 +329,131 @@ def test_a_start_eval_that_differs_between_recipes_is_flagged():
     assert "**Warning:** seed 0" in ab.to_markdown(
         ab.summarize(changed, ab.Budget("tokens", 100)), ab.Budget("tokens", 100), notes=notes
     )
+
+
+# ---- matched controls, three cost axes, regimes, budgets on any axis -----------------------------
+def _result3(recipe: str, seed: int, steps: list[float], ys: list[float], tok_per_step: float, s_per_step: float,
+             variant: str = "") -> ab.RunResult:  # fmt: skip
+    st = np.array(steps, dtype=float)
+    c = ab.Curve(st * tok_per_step, st * tok_per_step / 4, np.array(ys), st, st * s_per_step)
+    return ab.RunResult(f"{recipe}{seed}", recipe, variant, str(seed), {ab.PASS_AT_1: c}, st[-1] * tok_per_step,
+                        st[-1] * tok_per_step / 4, 0.5, 0.4, 10.0, st[-1] * s_per_step, final_steps=st[-1])  # fmt: skip
+
+
+def test_each_recipe_is_compared_to_its_matched_control_on_three_axes():
+    """A method that reaches the control's final in half the steps, but draws 3x the tokens per step
+    and takes 2x the seconds per step: 0.5x on steps, 1.5x on tokens, 1.0x on train seconds."""
+    budget = ab.Budget("steps", 10)
+    results = [
+        _result3("grpo_n4", 0, [0, 5, 10], [0.2, 0.3, 0.4], 100, 1.0),
+        _result3("grpo_n4", 1, [0, 5, 10], [0.2, 0.3, 0.4], 100, 1.0),
+        _result3("ada_seq", 0, [0, 5, 10], [0.2, 0.4, 0.5], 300, 2.0),
+        _result3("ada_seq", 1, [0, 5, 10], [0.2, 0.4, 0.5], 300, 2.0),
+        _result3("grpo", 0, [0, 10], [0.2, 0.3], 200, 1.0),
+    ]
+    rows = ab.summarize(results, budget, baseline="grpo", controls={"ada_seq": "grpo_n4", "grpo_n4": "grpo"})
+    by = {r.recipe: r for r in rows}
+    c = by["ada_seq"].control
+    assert c.control == "grpo_n4" and c.target == pytest.approx(0.4)
+    assert c.cost["steps"] == pytest.approx(5.0) and c.control_cost["steps"] == pytest.approx(10.0)
+    assert c.ratio("steps") == pytest.approx(0.5)
+    assert c.ratio("tokens") == pytest.approx(1.5) and c.ratio("train_s") == pytest.approx(1.0)
+    assert c.seeds_reached == 2 and c.final_delta == pytest.approx(0.1)
+    assert by["grpo_n4"].control.control == "grpo" and by["grpo_n4"].control.target == pytest.approx(0.3)
+    assert by["grpo"].control is None  # no control of its own
+    md = ab.to_markdown(rows, budget)
+    assert "| ada_seq | grpo_n4 | 0.400 | 1500 (1.50×) | 5 (0.50×) | 10 (1.00×) | 2/2 | +0.100 |" in md
+    row = next(r for r in csv.DictReader(ab.to_csv(rows).splitlines()) if r["recipe"] == "ada_seq")
+    assert row["control"] == "grpo_n4" and float(row["steps_to_control_target_ratio"]) == pytest.approx(0.5)
+
+
+def test_a_control_that_did_not_run_in_the_same_variant_gives_no_comparison():
+    budget = ab.Budget("tokens", 100)
+    results = [_result("dapo", 0, [0, 100], [0.1, 0.2], "dense"), _result("grpo_dapo", 0, [0, 100], [0.1, 0.3], "sparse")]
+    rows = ab.summarize(results, budget, controls={"dapo": "grpo_dapo"})
+    assert all(r.control is None for r in rows)
+
+
+def test_budgets_cap_on_any_axis():
+    assert ab.Budget("steps", 40).cap_args(10**6) == (None, 40)  # a step budget is the trainer's own limit
+    assert ab.Budget("train_s", 90).cap_args(10**6) == ({"max_train_s": 90}, 10**6)
+    assert ab.Budget("tokens", 5).cap_args(7) == ({"max_tokens": 5}, 7)
+    with pytest.raises(ValueError, match="budget kind"):
+        ab.Budget("seconds", 5)
+    spec = ab.RunSpec("recipes/grpo.yaml", (), 0)
+    settings = ab.settings_of(ab.Budget("steps", 40), [], 10**6)
+    cmd, _ = ab.fit_command(spec, ab.Budget("steps", 40), ablation_id="a", tracking_uri="sqlite:////x.db", experiment="e",
+                            settings=settings, root=ROOT)  # fmt: skip
+    assert not any(a.startswith("--trainer.callbacks+=") for a in cmd) and cmd[cmd.index("--trainer.max_steps") + 1] == "40"
+
+
+def test_budget_cap_on_train_seconds_stops_and_is_checkpointed():
+    from components.callbacks.budget import BudgetCap
+
+    cap = BudgetCap(max_train_s=5)
+    trainer = SimpleNamespace(should_stop=False)
+    module = SimpleNamespace(cumulative={"tokens": 1.0, "train_s": 4.0})
+    cap.on_train_batch_start(trainer, module, None, 0)
+    cap.on_train_batch_end(trainer, module, None, None, 0)
+    assert not trainer.should_stop and cap.train_s == 4.0
+    module.cumulative["train_s"] = 5.5
+    cap.on_train_batch_end(trainer, module, None, None, 1)
+    assert trainer.should_stop
+    fresh = BudgetCap(max_train_s=5)
+    fresh.load_state_dict(cap.state_dict())
+    assert fresh.train_s == 5.5
+    # A module without its own count: the cap times the training steps itself.
+    own = BudgetCap(max_train_s=1e-9)
+    t = SimpleNamespace(should_stop=False)
+    own.on_train_batch_start(t, SimpleNamespace(cumulative={}), None, 0)
+    own.on_train_batch_end(t, SimpleNamespace(cumulative={}), None, None, 0)
+    assert own.train_s > 0 and t.should_stop
+
+
+def test_regimes_are_overlays_after_the_recipe_and_name_the_variant(tmp_path):
+    (tmp_path / "configs" / "regimes").mkdir(parents=True)
+    for name in ("sparse", "filtered_ada"):
+        (tmp_path / "configs" / "regimes" / f"{name}.yaml").write_text("data: {}\n")
+    (tmp_path / "r.yaml").write_text("model: {}\n")
+    files = ab.regime_files("sparse+filtered_ada", tmp_path)
+    assert files == ("configs/regimes/sparse.yaml", "configs/regimes/filtered_ada.yaml")
+    with pytest.raises(ValueError, match="valid: filtered_ada, sparse"):
+        ab.regime_files("nope", tmp_path)
+    spec = ab.RunSpec("r.yaml", (), 1, files)
+    assert spec.configs == ("r.yaml", *files) and spec.variant == "sparse+filtered_ada" and spec.label == "r+sparse+filtered_ada"
+    cmd, env = ab.fit_command(spec, ab.Budget("tokens", 9), ablation_id="a", tracking_uri="sqlite:////x.db", experiment="e",
+                              settings="s", root=tmp_path)  # fmt: skip
+    assert [cmd[i + 1] for i, a in enumerate(cmd) if a == "--config"] == [str(tmp_path / f) for f in ("r.yaml", *files)]
+    import json
+
+    assert json.loads(env["MLFLOW_RUN_CONTEXT"])["ablation_variant"] == "sparse+filtered_ada"
+    assert ab.RunSpec("r.yaml", (), 1).key != spec.key and "regime" not in ab.RunSpec("r.yaml", (), 1).key
+
+
+def test_the_runner_adds_each_recipes_control_and_selects_regimes():
+    import importlib.util
+
+    mod_spec = importlib.util.spec_from_file_location("ablate_script", ABLATE)
+    script = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(script)
+    args = script.parse_args(["--recipes", "recipes/dapo.yaml", "--max-steps", "30"])
+    assert args.recipe_paths == ["recipes/grpo_dapo.yaml", "recipes/dapo.yaml"] and args.budget == ab.Budget("steps", 30)
+    alone = script.parse_args(["--recipes", "recipes/dapo.yaml", "--max-train-s", "60", "--no-controls"])
+    assert alone.recipe_paths == ["recipes/dapo.yaml"] and alone.budget == ab.Budget("train_s", 60)
+    with pytest.raises(SystemExit):
+        script.parse_args(["--recipes", "recipes/dapo.yaml", "--max-steps", "3", "--regime", "no_such_regime"])
+
+
+def test_step_histories_count_steps_and_sum_train_seconds_when_not_logged():
+    hist = {
+        ab.CUM_TOKENS: [(1, 10, 100.0), (2, 20, 250.0)],
+        ab.CUM_ROLLOUTS: [(1, 10, 8.0), (2, 20, 16.0)],
+        "time/generate_s": [(1, 10, 1.0), (2, 20, 2.0)],
+        "time/update_s": [(1, 10, 0.5), (2, 20, 0.5)],
+    }
+    client = SimpleNamespace(get_metric_history=lambda rid, key: [SimpleNamespace(step=s, timestamp=t, value=v)
+                                                                    for s, t, v in hist.get(key, [])])  # fmt: skip
+    h = ab.step_histories(client, "r")
+    assert [v for _, _, v in h["steps"]] == [1.0, 2.0] and [v for _, _, v in h["train_s"]] == [1.5, 4.0]
+    hist[ab.CUM_TRAIN_S] = [(1, 10, 1.2), (2, 20, 3.3)]  # the module's own count wins
+    assert [v for _, _, v in ab.step_histories(client, "r")["train_s"]] == [1.2, 3.3]
