@@ -64,8 +64,13 @@ class FileTask:
 def _rg_items(task: ReasoningGymTask, seed: int, size: int) -> tuple[list[dict], Any]:
     import reasoning_gym
 
+    from components.tasks import LOCAL_TASKS, create_local_dataset
+
     try:
-        ds = reasoning_gym.create_dataset(task.name, seed=seed, size=size, **task.config)
+        if task.name in LOCAL_TASKS:  # the project's own generators (components/tasks.py) first
+            ds = create_local_dataset(task.name, seed=seed, size=size, **task.config)
+        else:
+            ds = reasoning_gym.create_dataset(task.name, seed=seed, size=size, **task.config)
     except Exception as e:  # reasoning-gym raises KeyError / AssertionError / TypeError variously
         raise ConfigError(f"data.tasks[{task.name}]", f"reasoning-gym could not build it: {e}") from e
     return [ds[i] for i in range(size)], ds
@@ -204,7 +209,9 @@ class PromptDataModule(L.LightningDataModule):
                 raise ConfigError("data.tasks.prompt_template", f"{task.prompt_template!r} names a missing field {e}") from e
             ref = (it.get("metadata") or {}).get("answer_cot")
             item_key = [task.name, task.config, it["question"], str(it["answer"])]
-            out.append(Prompt(stable_uid(key, item_key), key, text, str(it["answer"]), dict(it), task.tag or task.name, ref))
+            uid = stable_uid(key, item_key)
+            marker = getattr(ds, "answer_marker", None)  # set by worked-steps tasks (components/tasks.py)
+            out.append(Prompt(uid, key, text, str(it["answer"]), dict(it), task.tag or task.name, ref, marker))
         return out
 
     def _file_prompts(self, ft: FileTask, i: int) -> tuple[list[Prompt], list[Prompt]]:

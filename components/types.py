@@ -27,7 +27,9 @@ class Prompt:
     ``text`` is the bare prompt shown to the model (already templated); ``answer`` is the gold answer;
     ``entry`` is the task's raw item, passed back to the task's own verifier; ``tag`` names the
     difficulty slice it belongs to (for per-slice evaluation); ``reference`` is an optional worked
-    solution (used by hinting and reference-based rewards).
+    solution (used by hinting and reference-based rewards). ``answer_marker`` is set when the task
+    answers in worked steps: the final answer is the text after the last marker (the verifier reads
+    only that), and everything before it is the reasoning (see ``components.tasks.split_completion``).
     """
 
     uid: str
@@ -37,6 +39,7 @@ class Prompt:
     entry: dict = field(default_factory=dict)
     tag: str = ""
     reference: str | None = None
+    answer_marker: str | None = None
 
 
 @dataclass
