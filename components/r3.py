@@ -203,9 +203,10 @@ class Split:
 
 
 def split_at_marker(text: str, marker: str) -> Split:
-    """Reasoning = text before the first marker, answer = text after it. No marker: the whole
-    text is reasoning and the answer is empty (the reasoning was never closed)."""
-    i = text.find(marker)
+    """Reasoning = text before the *last* marker, answer = text after it (the reasoning regime's
+    verifier reads the text after the last marker too: ``components.tasks.split_completion``).
+    No marker: the whole text is reasoning and the answer is empty (the reasoning was never closed)."""
+    i = text.rfind(marker)
     if i < 0:
         return Split(text, "", False)
     return Split(text[:i], text[i + len(marker) :], True)
@@ -216,7 +217,8 @@ class R3Reward(Reward):
 
     Args:
         marker: the answer marker that ends the reasoning (e.g. ``"####"``); a prompt's own
-            ``answer_marker`` field wins when the task sets one.
+            ``answer_marker`` field wins when the task sets one ("" : only the task's). A plain
+            ``str`` on purpose: with ``str | None`` jsonargparse reads "####" as a YAML comment.
         target: what is teacher-forced: ``reference`` (the text after the last marker of the
             prompt's reference solution, or the whole reference when it has none) or ``answer``
             (the gold answer).
@@ -231,15 +233,16 @@ class R3Reward(Reward):
         r3_weight: lam in r = lam * R3 + (1 - lam) * r_len.
         len_beta: beta_len of the length penalty on the generated answer.
         propagation: the propagation-aware correction (None: off).
-        verify_on: what the evaluation verifier reads: ``answer`` (text after the marker) or
-            ``completion`` (the whole text through ``extract``).
+        verify_on: what the evaluation verifier reads: ``completion`` (the whole text through
+            ``extract``, as the verifier reward gives it; worked-steps tasks find their own marker)
+            or ``answer`` (only the text after the marker).
         extract: extractor applied to the verifier's input (see ``rewards.extract_answer``).
         micro_batch_rows: rows per scoring forward.
     """
 
     def __init__(
         self,
-        marker: str | None = None,
+        marker: str = "",
         target: Literal["reference", "answer"] = "reference",
         weighting: Literal["linear", "power", "softmax", "aggr"] = "linear",
         eps: float = 1e-4,
@@ -251,7 +254,7 @@ class R3Reward(Reward):
         r3_weight: float = 1.0,
         len_beta: float = 0.0,
         propagation: Propagation | None = None,
-        verify_on: Literal["answer", "completion"] = "answer",
+        verify_on: Literal["answer", "completion"] = "completion",
         extract: Literal["strip", "answer_tag", "last_line"] = "strip",
         micro_batch_rows: int = 64,
     ) -> None:
@@ -268,8 +271,6 @@ class R3Reward(Reward):
                 raise ConfigError(f"model.reward.{name}", f"must be > 0, got {v}")
         if not 0.0 <= r3_weight <= 1.0:
             raise ConfigError("model.reward.r3_weight", f"must be in [0, 1], got {r3_weight}")
-        if marker is not None and not marker:
-            raise ConfigError("model.reward.marker", "must be a non-empty string or null")
         extract_answer("", extract)
         self.marker, self.target, self.weighting = marker, target, weighting
         self.eps, self.gamma, self.tau, self.eos = eps, gamma, tau, eos
@@ -452,7 +453,8 @@ class R3Reward(Reward):
         m.log_metric("dro/no_marker", a["no_marker"])
         m.log_metric("dro/no_marker_frac", a["no_marker"] / n)
         m.log_metric("dro/reasoning_len", a["reasoning_len_sum"] / n)
+        # NaN when no group had spread in both R3 and the verifier (logged every step all the same:
+        # Lightning repeats the last value of a key a step leaves out).
         m.log_metric("dro/r3_verifier_groups", a.get("corr_n", 0.0))
-        if a.get("corr_n"):
-            m.log_metric("dro/r3_verifier_corr", a["corr_sum"] / a["corr_n"])
+        m.log_metric("dro/r3_verifier_corr", a["corr_sum"] / a["corr_n"] if a.get("corr_n") else math.nan)
         m._add_metrics({"budget/tokens_forwarded": n_fwd, "dro/tokens_forwarded": n_fwd, "time/r3_s": seconds})

@@ -96,7 +96,7 @@ def test_small_helpers():
     assert pearson([1, 2, 3], [0, 0, 0]) is None
     assert math.isclose(pearson([1, 2, 3], [0, 1, 1]), 0.8660254, rel_tol=1e-6)
     s = split_at_marker("a+b ## 4 ## 5", "##")
-    assert (s.reasoning, s.answer, s.has_marker) == ("a+b ", " 4 ## 5", True)
+    assert (s.reasoning, s.answer, s.has_marker) == ("a+b ## 4 ", " 5", True)
     s = split_at_marker("no close", "##")
     assert (s.reasoning, s.answer, s.has_marker) == ("no close", "", False)
 
@@ -181,6 +181,7 @@ class FakeData:
 
 
 def _r3(**kw) -> tuple[R3Reward, FakeModule]:
+    kw.setdefault("verify_on", "answer")
     reward = R3Reward(marker="####", **kw)
     module = FakeModule(reward)
     reward.datamodule = FakeData()
@@ -307,6 +308,10 @@ def test_periodic_filter_two_stages_on_a_scripted_policy():
     kept_step = f.on_groups([], module)
     assert kept_step == [] and module.metrics["dro/filter_stage1_dropped"] == 1
     assert module.metrics["budget/tokens"] == 12 * 10 and module.metrics["dro/filter_tokens_forwarded"] > 0
+    assert module.metrics["dro/filter_cum_tokens_generated"] == 12 * 10 and module.metrics["dro/filter_pool"] == 1
+    module.metrics = {}
+    f.on_groups([], module)  # a step without a round reports zeros, not the last round's counts
+    assert module.metrics["dro/filter_stage1_dropped"] == 0 and module.metrics["dro/filter_cum_tokens_generated"] == 12 * 10
 
 
 def test_periodic_filter_carries_forward_and_restores_state():
@@ -344,3 +349,63 @@ def test_propagation_option_in_the_reward_lowers_scores():
     prop, _ = _r3(propagation=Propagation(top_frac=0.34, gamma=1.0))
     prop.score(_prompt("q"), rs)
     assert all(r.reward < b for r, b in zip(rs, before))
+
+
+# ---- end to end through the CLI -----------------------------------------------------------------
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+E2E = [
+    "--trainer.max_steps", "2",
+    "--data.train_size", "40",
+    "--data.heldout_size", "8",
+    "--data.batch_size", "4",
+    "--model.eval.samples", "2",
+    "--trainer.val_check_interval", "2",
+    "--trainer.enable_progress_bar", "false",
+    "--model.log_completions_every_n_steps", "1",
+]  # fmt: skip
+
+
+def test_dro_recipe_trains_on_r3_alone_and_logs_dro_metrics(tmp_path, monkeypatch):
+    import sqlite3
+
+    from components.cli import build_cli
+
+    monkeypatch.chdir(tmp_path)
+    filt = ["--trainer.callbacks+=components.callbacks.query_filter.OnlineVarianceFilter"]
+    cli = build_cli(["fit", "--config", str(ROOT / "recipes" / "dro.yaml"), *E2E, *filt])
+    assert cli.trainer.global_step == 2 and isinstance(cli.model.reward, R3Reward)
+    con = sqlite3.connect(tmp_path / "mlflow.db")
+    m: dict[str, list[float]] = {}
+    for k, v in con.execute("select key, value from metrics order by step"):
+        m.setdefault(k, []).append(v)
+    for k in (
+        "dro/r3_mean",
+        "dro/r3_verifier_corr",
+        "dro/no_marker_frac",
+        "dro/filter_stage1_dropped",
+        "dro/online_filter_dropped",
+    ):
+        assert k in m, k
+    assert m["dro/filter_rounds"][-1] == 1 and m["dro/filter_cum_tokens_generated"][-1] > 0
+    # The training reward is R3 (log-probabilities: negative), never the verifier's 0/1.
+    assert all(v < 0 for v in m["reward/mean"])
+    assert m["budget/tokens_forwarded"][0] >= m["dro/filter_tokens_forwarded"][0] > 0
+
+
+@pytest.mark.parametrize(
+    "args, field",
+    [
+        (["--data.tasks", '[{"name": "chain_sum", "config": {"min_terms": 2, "max_terms": 2}}]'], "reference_field"),
+        (["--model.reward.marker", "→"], "model.reward.marker"),
+        (["--model.sampling.max_new_tokens", "60"], "model.reward.target"),
+    ],
+)
+def test_bad_dro_data_is_one_line(args, field, tmp_path, monkeypatch, capsys):
+    from components.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", str(ROOT / "recipes" / "dro_nofilter.yaml"), *E2E, *args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and field in err[0], err

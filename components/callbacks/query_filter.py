@@ -37,6 +37,23 @@ from components.errors import ConfigError
 from components.r3 import R3Reward, split_at_marker, token_spread, worst_rank_score
 from components.types import Group, Prompt
 
+# Per-step amounts a round adds (0 in steps without a round).
+_ROUND_KEYS = (
+    "dro/filter_stage1_dropped",
+    "dro/filter_stage2_dropped",
+    "dro/filter_carried",
+    "dro/filter_tokens_generated",
+    "dro/filter_tokens_forwarded",
+    "budget/tokens",
+    "budget/tokens_forwarded",
+    "time/filter_s",
+)
+_TOTAL_OF = {
+    "tokens_generated": "dro/filter_tokens_generated",
+    "tokens_forwarded": "dro/filter_tokens_forwarded",
+    "s": "time/filter_s",
+}
+
 
 def _r3_of(module: Any, who: str) -> R3Reward:
     if not isinstance(module.reward, R3Reward):
@@ -120,6 +137,7 @@ class PeriodicQueryFilter(SignalCallback):
         self.last_round_step = -1
         self._orig_weights: torch.Tensor | None = None
         self._pending: dict[str, float] = {}
+        self.totals: dict[str, float] = {}
 
     # ---- one round (pure enough to test on a scripted policy) -----------------------------------
     def select(self, prompts: list[Prompt], module: Any) -> dict[str, Any]:
@@ -180,7 +198,6 @@ class PeriodicQueryFilter(SignalCallback):
             ("dro/filter_stage1_dropped", res["stage1_dropped"]),
             ("dro/filter_stage2_dropped", res["stage2_dropped"]),
             ("dro/filter_carried", len(carried)),
-            ("dro/filter_kept", len(new)),
             ("dro/filter_tokens_generated", res["tokens_generated"]),
             ("dro/filter_tokens_forwarded", res["tokens_forwarded"]),
             ("budget/tokens", res["tokens_generated"]),
@@ -209,17 +226,23 @@ class PeriodicQueryFilter(SignalCallback):
             self.run_round(pl_module)
 
     def on_groups(self, groups: list[Group], module: Any) -> list[Group]:
-        # Costs of a round that ran before this step's metrics were reset are reported here.
-        if self._pending:
-            module._add_metrics(self._pending)
-            self._pending = {}
+        # A round runs before the step's metrics are reset, so its counts and costs are reported
+        # here; every key is written every step (0 without a round: Lightning repeats the last
+        # value of a key that a step does not log).
+        pending, self._pending = self._pending, {}
+        module._add_metrics({k: pending.get(k, 0) for k in _ROUND_KEYS})
+        for k in ("tokens_generated", "tokens_forwarded", "s"):
+            self.totals[k] = self.totals.get(k, 0.0) + pending.get(_TOTAL_OF[k], 0.0)
+            module.log_metric(f"dro/filter_cum_{k}", self.totals[k])
         module.log_metric("dro/filter_rounds", self.rounds)
+        module.log_metric("dro/filter_pool", len(self.kept) if self.kept is not None else 0)
         return groups
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "kept": sorted(self.kept) if self.kept is not None else None,
             "rounds": self.rounds,
+            "totals": dict(self.totals),
             "last_round_step": self.last_round_step,
             "rng": self.rng.getstate(),
         }
@@ -227,6 +250,7 @@ class PeriodicQueryFilter(SignalCallback):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.kept = set(state["kept"]) if state.get("kept") is not None else None
         self.rounds = int(state.get("rounds", 0))
+        self.totals = dict(state.get("totals", {}))
         self.last_round_step = int(state.get("last_round_step", -1))
         if "rng" in state:
             rng = state["rng"]
