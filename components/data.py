@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from components.errors import ConfigError
+from components.prefilter import PrefilterConfig, apply_prefilter
 from components.types import Prompt, stable_uid
 
 Verifier = Callable[[str, Prompt], float]
@@ -157,6 +158,8 @@ class PromptDataModule(L.LightningDataModule):
             in the training pool come first; only a task whose item space is too small to avoid
             overlap (1-digit sums) fills its share with training items.
         seed: seeds the pool and the training stream.
+        prefilter: keep only training prompts the initial policy solves between a min and a max
+            count of k samples (components/prefilter.py; cached on disk). None: no filter.
     """
 
     def __init__(
@@ -167,6 +170,7 @@ class PromptDataModule(L.LightningDataModule):
         train_size: int = 2000,
         heldout_size: int = 300,
         seed: int = 0,
+        prefilter: PrefilterConfig | None = None,
     ) -> None:
         super().__init__()
         self.tasks = list(tasks) if tasks is not None else ([] if files else default_tasks())
@@ -182,6 +186,8 @@ class PromptDataModule(L.LightningDataModule):
         self.train_size = train_size
         self.heldout_size = heldout_size
         self.seed = seed
+        self.prefilter = prefilter
+        self.prefilter_report = None
         self.verifiers: dict[str, Verifier] = {}
         self.train_pool: PromptPool | None = None
         self.heldout: list[Prompt] = []
@@ -264,6 +270,8 @@ class PromptDataModule(L.LightningDataModule):
             train += tr
             held += he
             weights += [ft.weight / max(len(tr), 1)] * len(tr)
+        if self.prefilter is not None and train:
+            train, weights, self.prefilter_report = apply_prefilter(self.prefilter, train, weights, self.verifier, self.trainer)
         if not train:
             raise ConfigError("data", "the training pool is empty: check data.tasks sizes and data.files contents")
         self.train_pool = PromptPool(train, weights)

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
 
 import pytest
+import torch
+import yaml
 
-from components.data import PromptDataModule, ReasoningGymTask
+from components.cli import build_cli, main
+from components.data import PromptDataModule, ReasoningGymTask, default_tasks
 from components.errors import ConfigError
 from components.policy import load_policy
+from components.prefilter import PrefilterConfig
+from components.regimes import REGIMES, Regime, build_regime, cached_report, regime_model_dir
 from components.tasks import (
     ANSWER_MARKER,
     ColumnSumDataset,
@@ -18,6 +25,9 @@ from components.tasks import (
     target_text,
     worked_steps,
 )
+from components.warm_start import WarmStartSpec
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---- the reasoning regime's task ------------------------------------------------------------------
@@ -103,3 +113,121 @@ def test_column_sum_is_selected_by_name_and_rejects_bad_config():
     assert p.answer_marker is None and p.reference is None and target_text(p) == " " + p.answer
     with pytest.raises(ConfigError, match="data.tasks\\[column_sum\\].*format"):
         PromptDataModule(tasks=[ReasoningGymTask("column_sum", {"format": "latex"})], train_size=4, heldout_size=2).setup()
+
+
+# ---- the pre-filter -------------------------------------------------------------------------------
+def _filtered_dm(tmp_path, seed: int = 0, **cfg) -> PromptDataModule:
+    pf = PrefilterConfig(
+        **{
+            "k": 4,
+            "min_solved": 1,
+            "max_solved": 3,
+            "model": "embedded:tiny",
+            "max_new_tokens": 8,
+            "cache_dir": str(tmp_path),
+            **cfg,
+        }
+    )
+    dm = PromptDataModule(train_size=40, heldout_size=8, seed=seed, prefilter=pf)
+    dm.setup()
+    return dm
+
+
+def test_prefilter_keeps_the_solve_range_counts_drops_and_leaves_heldout(tmp_path):
+    dm = _filtered_dm(tmp_path)
+    rep = dm.prefilter_report
+    assert not rep.cache_hit and rep.kept == len(dm.train_pool) and rep.kept > 0
+    assert rep.kept + rep.dropped_low + rep.dropped_high == 40
+    assert rep.dropped_low > 0  # the tiny model never solves 3-digit items
+    assert sum(c["total"] for c in rep.by_tag.values()) == 40 and rep.by_tag["d3"]["kept"] == 0
+    counts = json.loads(Path(rep.cache_file).read_text())
+    assert all(1 <= counts[p.uid] <= 3 for p in dm.train_pool.prompts)
+    full = PromptDataModule(train_size=40, heldout_size=8, seed=0)
+    full.setup()
+    assert [p.uid for p in dm.heldout] == [p.uid for p in full.heldout]  # evaluation is not filtered
+    dropped = [p for p in full.train_pool.prompts if not 1 <= counts[p.uid] <= 3]
+    assert len(dropped) == rep.dropped_low + rep.dropped_high
+    assert "prefilter: kept" in rep.summary() and "dropped" in rep.summary()
+
+
+def test_prefilter_cache_hits_and_is_keyed_by_model_and_data(tmp_path, monkeypatch):
+    first = _filtered_dm(tmp_path).prefilter_report
+    torch.manual_seed(5)
+    second = _filtered_dm(tmp_path, max_solved=4)  # a new rule reuses the solve counts
+    after_hit = torch.rand(3)
+    assert second.prefilter_report.cache_hit and second.prefilter_report.cache_file == first.cache_file
+    assert second.prefilter_report.kept == first.kept + first.dropped_high
+    # The filter's sampling never shifts the run's random stream (hit or miss alike).
+    torch.manual_seed(5)
+    _filtered_dm(tmp_path / "fresh")
+    assert torch.equal(torch.rand(3), after_hit)
+    # Other data: a miss. Another model (perturbed weights): a miss.
+    assert not _filtered_dm(tmp_path, seed=1).prefilter_report.cache_hit
+    model, tok = load_policy("embedded:tiny")
+    with torch.no_grad():
+        next(model.parameters()).add_(1e-3)
+    model.save_pretrained(tmp_path / "other")
+    tok.save_pretrained(tmp_path / "other")
+    other = _filtered_dm(tmp_path, model=str(tmp_path / "other")).prefilter_report
+    assert not other.cache_hit and other.cache_file != first.cache_file
+    assert len(list(tmp_path.glob("*.json"))) == 3
+
+
+def test_prefilter_rejects_bad_ranges_and_empty_results(tmp_path):
+    with pytest.raises(ConfigError, match="data.prefilter.min_solved"):
+        _filtered_dm(tmp_path, min_solved=3, max_solved=2)
+    with pytest.raises(ConfigError, match="data.prefilter.k"):
+        _filtered_dm(tmp_path, k=0)
+    # Only 3-digit items, which the model never solves: nothing survives >= 1 of 4.
+    pf = PrefilterConfig(k=2, model="embedded:tiny", max_new_tokens=8, cache_dir=str(tmp_path))
+    dm = PromptDataModule(tasks=[t for t in default_tasks() if t.tag == "d3"], train_size=6, heldout_size=2, prefilter=pf)
+    with pytest.raises(ConfigError, match="data.prefilter.*empty"):
+        dm.setup()
+
+
+def test_prefilter_runs_inside_a_fit_with_the_run_policy(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = build_cli(
+        ["fit", "--config", str(ROOT / "recipes" / "grpo.yaml"), "--config", str(ROOT / "configs" / "regimes" / "filtered.yaml"),
+         "--data.prefilter.k", "2", "--data.prefilter.max_solved", "1", "--trainer.max_steps", "1",
+         "--data.train_size", "24", "--data.heldout_size", "4", "--data.batch_size", "4", "--model.eval.samples", "1"]
+    )  # fmt: skip
+    rep = cli.datamodule.prefilter_report
+    assert rep is not None and rep.kept == len(cli.datamodule.train_pool) and rep.kept + rep.dropped_low + rep.dropped_high == 24
+    assert (tmp_path / rep.cache_file).resolve().parent == (tmp_path / ".cache" / "curate-rl" / "prefilter").resolve()
+    assert cli.trainer.global_step == 1
+
+
+# ---- presets --------------------------------------------------------------------------------------
+def test_every_regime_has_an_overlay_that_composes_with_a_recipe(capsys):
+    assert {p.stem for p in (ROOT / "configs" / "regimes").glob("*.yaml")} == set(REGIMES)
+    for name, reg in REGIMES.items():
+        overlay = yaml.safe_load(reg.config.read_text())
+        if reg.warm_start is not None:  # the overlay loads the folder build_regime fills
+            assert overlay["model"]["model"] == str(regime_model_dir(name))
+        with pytest.raises(SystemExit):
+            main(["fit", "--config", str(ROOT / "recipes" / "grpo.yaml"), "--config", str(reg.config), "--print_config"])
+        printed = yaml.safe_load(capsys.readouterr().out)
+        want = overlay["data"]["prefilter"]
+        got = printed["data"]["prefilter"]
+        assert got == want if want is None else {k: got[k] for k in want} == want
+    reasoning = yaml.safe_load(REGIMES["reasoning"].config.read_text())
+    assert [ReasoningGymTask(**t) for t in reasoning["data"]["tasks"]] == REGIMES["reasoning"].warm_start.tasks
+    assert build_regime("dense") == "embedded:tiny"
+    with pytest.raises(ConfigError, match="regime.*valid"):
+        build_regime("nope")
+
+
+def test_build_regime_caches_by_spec(tmp_path, monkeypatch):
+    spec = WarmStartSpec(default_tasks(), ["d1"], "d1", 1.0, max_steps=3, eval_every=2, eval_items=8, train_pool=64)
+    monkeypatch.setitem(REGIMES, "toy", Regime("toy", "a 3-step warm start", spec))
+    logs: list[str] = []
+    path = build_regime("toy", cache_root=tmp_path, log=logs.append)
+    report = cached_report("toy", tmp_path)
+    assert report["steps"] == 3 and not report["reached_target"] and set(report["stop_eval"]) == {"d1", "d2", "d3", "all"}
+    model, _ = load_policy(path)  # a plain local folder: what an overlay's model.model names
+    assert model.config.max_position_embeddings == 64
+    logs.clear()
+    assert build_regime("toy", cache_root=tmp_path, log=logs.append) == path and not logs  # cache hit
+    spec.target = 0.5  # another spec: the cached model no longer matches
+    assert cached_report("toy", tmp_path) is None

@@ -1,0 +1,211 @@
+"""Supervised warm starts of the embedded char-level model: one spec, any task mix, any answer format.
+
+RL sharpens what supervised training half-learned, so every regime's model is a warm start stopped
+at a chosen point: train on some slices of a task mix (``train_tags``), and stop as soon as the
+sampled (T=1) pass rate on a named slice (``target_tag``) reaches ``target``. The supervised target
+of each prompt is :func:`components.tasks.target_text`: the worked reference for worked-steps tasks
+(``Prompt.answer_marker`` set), a space and the bare answer otherwise, then EOS.
+
+:func:`warm_start` trains and saves a model; :func:`measure_pass_rates` reports per-slice pass rates
+of any policy on a DataModule's held-out set (the same estimate the RL run's eval makes at step 0:
+``samples`` draws per item at T=1). ``scripts/warm_start.py`` is the command line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from components.data import PromptDataModule, ReasoningGymTask
+from components.engine import HFEngine, SamplingParams
+from components.errors import ConfigError
+from components.policy import build_char_tokenizer, encode_prompt, tiny_config
+from components.tasks import target_text
+
+# Architectures a warm start can build (all Llama with the char tokenizer). ``tiny`` is the shipped
+# model's (about 0.9M parameters); ``small`` is a few million parameters (about 2.9M), still minutes
+# per RL run on 2 cores.
+MODEL_SIZES: dict[str, dict[str, int]] = {
+    "tiny": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4),
+    "small": dict(hidden_size=192, intermediate_size=576, num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=6),
+}
+
+
+@dataclass
+class WarmStartSpec:
+    """What a warm start trains on and when it stops.
+
+    Args:
+        tasks: the task mix (every slice is evaluated; only ``train_tags`` slices are trained on).
+        train_tags: slices trained on (None: all).
+        target_tag, target: stop at the first evaluation where the sampled pass rate on
+            ``target_tag`` is >= ``target``.
+        model_size: a key of :data:`MODEL_SIZES`.
+        max_positions: the model's context (prompt + answer + EOS must fit).
+        max_new_tokens: generation length for evaluation (None: the longest target + 8).
+        max_steps, batch_size, lr, eval_every, eval_items, eval_samples, seed: the SFT run.
+    """
+
+    tasks: list[ReasoningGymTask]
+    train_tags: list[str] | None = None
+    target_tag: str = "d2"
+    target: float = 0.22
+    model_size: str = "tiny"
+    max_positions: int = 64
+    max_new_tokens: int | None = None
+    max_steps: int = 6000
+    batch_size: int = 64
+    lr: float = 1e-3
+    eval_every: int = 100
+    eval_items: int = 400
+    eval_samples: int = 4
+    seed: int = 1234
+    train_pool: int = 20000
+    extra: dict = field(default_factory=dict)  # free-form notes that should change the cache key
+
+    def validate(self) -> None:
+        if self.model_size not in MODEL_SIZES:
+            raise ConfigError("warm_start.model_size", f"{self.model_size!r} is not one of {sorted(MODEL_SIZES)}")
+        tags = {t.tag for t in self.tasks}
+        if self.target_tag not in tags:
+            raise ConfigError("warm_start.target_tag", f"{self.target_tag!r} is not a slice of the mix; valid: {sorted(tags)}")
+        if self.train_tags is not None and not set(self.train_tags) <= tags:
+            raise ConfigError(
+                "warm_start.train_tags", f"{sorted(set(self.train_tags) - tags)} are not slices; valid: {sorted(tags)}"
+            )
+        if not 0.0 < self.target <= 1.0:
+            raise ConfigError("warm_start.target", f"must be in (0, 1], got {self.target}")
+
+    def key(self) -> str:
+        """A hash of everything that determines the trained model (the cache key of a regime)."""
+        d = asdict(self)
+        return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def new_model(size: str, max_positions: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A freshly initialised char-level Llama of ``size`` (the caller seeds torch first)."""
+    tok = build_char_tokenizer()
+    cfg = tiny_config(len(tok), tok, max_position_embeddings=max_positions, **MODEL_SIZES[size])
+    return LlamaForCausalLM(cfg), tok
+
+
+@torch.no_grad()
+def measure_pass_rates(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    dm: PromptDataModule,
+    max_new_tokens: int,
+    samples: int = 4,
+    answer_lengths: dict[str, list[int]] | None = None,
+) -> dict[str, float]:
+    """Sampled (T=1) pass rate per slice on ``dm.heldout`` (``samples`` draws per item), plus ``all``.
+
+    When ``answer_lengths`` is given it is filled with the token length of every completion per slice.
+    """
+    engine = HFEngine()
+    engine.bind(model, tok)
+    ctxs = [encode_prompt(tok, p.text) for p in dm.heldout]
+    outs = engine.generate(ctxs, [samples] * len(ctxs), SamplingParams(1.0, 1.0, max_new_tokens))
+    by_tag: dict[str, list[float]] = {}
+    for p, rs in zip(dm.heldout, outs):
+        verify = dm.verifier(p)
+        by_tag.setdefault(p.tag, []).extend(float(verify(r.text.strip(), p) >= 1.0) for r in rs)
+        if answer_lengths is not None:
+            answer_lengths.setdefault(p.tag, []).extend(len(r.token_ids) for r in rs)
+    rates = {t: sum(x) / len(x) for t, x in sorted(by_tag.items())}
+    rates["all"] = sum(sum(x) for x in by_tag.values()) / max(sum(len(x) for x in by_tag.values()), 1)
+    return rates
+
+
+def _target_ids(tok: PreTrainedTokenizerBase, p: Any) -> list[int]:
+    return tok(target_text(p), add_special_tokens=False).input_ids + [tok.eos_token_id]
+
+
+def warm_start(spec: WarmStartSpec, out: str | Path, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train a fresh model on ``spec`` and save it (weights, config, tokenizer) into ``out``.
+
+    Returns a report: steps, seconds, the stopping evaluation's per-slice pass rates, and whether
+    the target was reached (a run that hits ``max_steps`` first is saved and reported as such).
+    """
+    spec.validate()
+    torch.manual_seed(spec.seed)
+    model, tok = new_model(spec.model_size, spec.max_positions)
+    train_tasks = [t for t in spec.tasks if spec.train_tags is None or t.tag in spec.train_tags]
+    # Seeds apart from the RL pools (data.seed 0 -> reasoning-gym seeds 0..): supervised items are
+    # not the RL training prompts (though small item spaces overlap anyway).
+    dm = PromptDataModule(tasks=train_tasks, train_size=spec.train_pool, heldout_size=spec.eval_items, seed=spec.seed)
+    dm.setup()
+    # The stopping evaluation covers every slice, trained or not.
+    eval_dm = PromptDataModule(
+        tasks=spec.tasks, train_size=20 * len(spec.tasks), heldout_size=spec.eval_items, seed=spec.seed + 1
+    )
+    eval_dm.setup()
+    longest = max(len(_target_ids(tok, p)) for p in [*dm.train_pool.prompts, *eval_dm.heldout])
+    max_new = spec.max_new_tokens or longest + 8
+    widest = max(len(encode_prompt(tok, p.text)) for p in eval_dm.heldout) + max_new
+    if widest > spec.max_positions:
+        raise ConfigError(
+            "warm_start.max_positions", f"{spec.max_positions} is too short: prompts plus {max_new} new tokens need {widest}"
+        )
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.01)
+
+    def batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        seqs, masks = [], []
+        for p in dm.draw(spec.batch_size):
+            ctx, ans = encode_prompt(tok, p.text), _target_ids(tok, p)
+            seqs.append(ctx + ans)
+            masks.append([0] * len(ctx) + [1] * len(ans))
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), tok.pad_token_id)
+        att, lab = torch.zeros_like(ids), torch.zeros_like(ids)
+        for i, (s, m) in enumerate(zip(seqs, masks)):
+            ids[i, : len(s)], att[i, : len(s)], lab[i, : len(s)] = torch.tensor(s), 1, torch.tensor(m)
+        return ids, att, lab
+
+    t0 = time.time()
+    rates: dict[str, float] = {}
+    reached = False
+    step = 0
+    for step in range(1, spec.max_steps + 1):
+        ids, att, lab = batch()
+        logits = model(input_ids=ids, attention_mask=att).logits[:, :-1]
+        tgt, m = ids[:, 1:], lab[:, 1:].float()
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="none")
+        loss = (nll * m.reshape(-1)).sum() / m.sum()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % spec.eval_every == 0:
+            with torch.random.fork_rng():  # evaluation sampling must not shift the training run
+                rates = measure_pass_rates(model, tok, eval_dm, max_new, spec.eval_samples)
+            log(f"step {step} loss {loss.item():.3f} pass@1(T=1) {_fmt(rates)} {time.time() - t0:.0f}s")
+            if rates[spec.target_tag] >= spec.target:
+                reached = True
+                break
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    report = {
+        "steps": step,
+        "seconds": round(time.time() - t0, 1),
+        "reached_target": reached,
+        "stop_eval": rates,
+        "max_new_tokens": max_new,
+        "params": sum(p.numel() for p in model.parameters()),
+    }
+    log(f"saved to {out} after {step} steps ({report['seconds']}s); target reached: {reached}")
+    return report
+
+
+def _fmt(rates: dict[str, float]) -> str:
+    return " ".join(f"{k} {v:.3f}" for k, v in rates.items())
