@@ -16,7 +16,7 @@ import copy
 import math
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -29,35 +29,20 @@ from components.advantages import get_advantage
 from components.callbacks.base import SignalCallback
 from components.engine import HFEngine, RolloutEngine, SamplingParams
 from components.errors import ConfigError
-from components.losses import get_aggregation, get_policy_loss, kl_k3, token_logprobs_and_entropy
+from components.losses import get_aggregation, get_policy_loss
 from components.policy import encode_messages, encode_prompt, load_policy
 from components.rewards import Reward, VerifierReward
 from components.samplers.base import FixedGroupSampler, Sampler
 from components.types import Group, Prompt, Rollout
-
-
-@dataclass
-class AdvantageConfig:
-    """Which estimator (``grpo``, ``dr_grpo``, ``rloo``, ``pool_mean``) and its options."""
-
-    name: str = "grpo"
-    std: str = "population"  # "population" (N) or "unbiased" (N - 1), for grpo
-    eps: float = 1e-6
-    normalize_std: bool = False  # pool_mean only: divide by sqrt(p~(1 - p~))
-
-
-@dataclass
-class LossConfig:
-    """Policy loss and its aggregation, KL and entropy terms."""
-
-    name: str = "ppo_clip"
-    agg: str = "seq-mean-token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    dual_clip: float | None = None  # e.g. 3.0 or 10.0: caps the loss of negative-advantage tokens
-    kl_coef: float = 0.0  # > 0 keeps a frozen reference copy of the policy (k3 estimator)
-    entropy_coef: float = 0.0
-    norm_len: int | None = None  # seq-mean-token-sum-norm divisor; default: max_new_tokens
+from components.update import (
+    AdvantageConfig,
+    LossConfig,
+    TokenBatch,
+    Updater,
+    build_batch,
+    compute_advantages,
+    forward_logprobs,
+)
 
 
 @dataclass
@@ -67,30 +52,6 @@ class EvalConfig:
     samples: int = 4  # samples per item: pass@1 is their mean, pass@k uses the unbiased estimator
     temperature: float = 1.0
     at_start: bool = True  # evaluate before the first step (logged at step 0)
-
-
-@dataclass
-class TokenBatch:
-    """The flattened rollouts that reach the loss: one row per rollout, ragged groups by index."""
-
-    input_ids: torch.Tensor  # (N, C + R): left-padded context, right-padded response
-    attention_mask: torch.Tensor
-    response_mask: torch.Tensor  # (N, R) 1 on response tokens (EOS included)
-    context_width: int
-    group: torch.Tensor  # (N,) group index
-    rewards: torch.Tensor  # (N,)
-    group_weight: torch.Tensor  # (N,) prompt weight w(p) of each rollout's group
-    row_weight: torch.Tensor  # (N,) per-rollout weight (Rollout.weight), 1 unless a sampler sets it
-    baseline: torch.Tensor  # (G,) per-group baseline, NaN = estimator's own
-    sampling_logprobs: torch.Tensor  # (N, R) from the engine
-    advantages: torch.Tensor | None = None  # (N, R) per token
-    old_logprobs: torch.Tensor | None = None
-    ref_logprobs: torch.Tensor | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def size(self) -> int:
-        return int(self.input_ids.shape[0])
 
 
 def _pass_at_k(n: int, c: int, k: int) -> float:
@@ -169,14 +130,16 @@ class PolicyModule(L.LightningModule):
         self.sampler, self.reward, self.engine = sampler, reward, engine
         self.sampling, self.adv_cfg, self.loss_cfg, self.eval_cfg = sampling, advantage, loss, eval
         self.optimizer_fn = optimizer
-        self.ppo_epochs, self.num_minibatches, self.micro_batch_rows = ppo_epochs, num_minibatches, micro_batch_rows
-        self.grad_clip, self.skip_zero_advantage = grad_clip, skip_zero_advantage
+        self.grad_clip = grad_clip
         self.chat_template = chat_template
         self.log_completions_every_n_steps = log_completions_every_n_steps
         self.export_dir = export_dir
         self.ref_policy = None
         if loss.kl_coef > 0:
             self.ref_policy = copy.deepcopy(self.policy).eval().requires_grad_(False)
+        self.updater = Updater(
+            loss, self.aggregate, self.policy_loss, ppo_epochs, num_minibatches, micro_batch_rows, skip_zero_advantage
+        )
         self.engine.bind(self.policy, self.tokenizer)
         # Per-prompt outcome history (for never-solved fraction), cumulative budget: checkpointed.
         self.prompt_history: dict[str, list[int]] = {}
@@ -187,6 +150,15 @@ class PolicyModule(L.LightningModule):
         self._eval_tags: dict[str, MeanMetric] = {}
         self._eval_passk = MeanMetric()
         self.sampler.setup(self)
+
+    @property
+    def micro_batch_rows(self) -> int:
+        """Rows per forward/backward (the update's and the no-grad log-prob passes')."""
+        return self.updater.micro_batch_rows
+
+    @micro_batch_rows.setter
+    def micro_batch_rows(self, rows: int) -> None:
+        self.updater.micro_batch_rows = rows
 
     # ---- Lightning plumbing -------------------------------------------------------------------
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -300,7 +272,7 @@ class PolicyModule(L.LightningModule):
             batch.advantages = self.compute_advantages(batch)
             for cb in self.signal_callbacks:  # per-token reshaping
                 cb.on_advantages(batch, self)
-            self.update(batch)
+            self._step_metrics.update(self.updater.run(batch, self))
             self.engine.sync_weights(self.policy)
         else:
             self._empty_step()
@@ -310,59 +282,17 @@ class PolicyModule(L.LightningModule):
             self._log_completions(groups)
 
     def build_batch(self, groups: list[Group]) -> TokenBatch:
-        """Flatten ragged groups into padded tensors; each row keeps the context it was sampled from."""
-        rows = [(gi, g.context_ids, r) for gi, g in enumerate(groups) for r in g.rollouts]
-        pad = self.tokenizer.pad_token_id
-        cw = max(len(c) for _, c, _ in rows)
-        rw = max(max(len(r.token_ids) for _, _, r in rows), 1)
-        n = len(rows)
-        ids = torch.full((n, cw + rw), pad, dtype=torch.long)
-        att = torch.zeros((n, cw + rw), dtype=torch.long)
-        rmask = torch.zeros((n, rw))
-        slp = torch.zeros((n, rw))
-        for i, (_, c, r) in enumerate(rows):
-            ids[i, cw - len(c) : cw] = torch.tensor(c)
-            att[i, cw - len(c) : cw] = 1
-            L_ = len(r.token_ids)
-            ids[i, cw : cw + L_] = torch.tensor(r.token_ids, dtype=torch.long)
-            att[i, cw : cw + L_] = 1
-            rmask[i, :L_] = 1
-            slp[i, :L_] = torch.tensor(r.logprobs)
-        return TokenBatch(
-            input_ids=ids.to(self.device),
-            attention_mask=att.to(self.device),
-            response_mask=rmask.to(self.device),
-            context_width=cw,
-            group=torch.tensor([gi for gi, _, _ in rows]),
-            rewards=torch.tensor([r.reward for _, _, r in rows], dtype=torch.float),
-            group_weight=torch.tensor([groups[gi].weight for gi, _, _ in rows], dtype=torch.float),
-            row_weight=torch.tensor([r.weight for _, _, r in rows], dtype=torch.float),
-            baseline=torch.tensor([math.nan if g.baseline is None else g.baseline for g in groups], dtype=torch.double),
-            sampling_logprobs=slp.to(self.device),
-        )
+        """Flatten ragged groups into padded tensors (see :func:`components.update.build_batch`)."""
+        return build_batch(groups, self.tokenizer.pad_token_id, self.device)
 
     def compute_advantages(self, batch: TokenBatch) -> torch.Tensor:
-        """Sequence advantages (a pure function of rewards, group index, baselines), times the
-        group weight and the rollout's own weight, broadcast to the response tokens."""
-        a = self.adv_cfg
-        seq = self.advantage_fn(
-            batch.rewards, batch.group, baseline=batch.baseline, std=a.std, eps=a.eps, normalize_std=a.normalize_std
-        )
-        if not torch.isfinite(seq).all():
-            raise RuntimeError(f"non-finite advantages from estimator {a.name!r}: rewards={batch.rewards.tolist()}")
-        seq = seq * batch.group_weight * batch.row_weight
-        return seq.to(self.device).unsqueeze(1) * batch.response_mask
+        """Per-token advantages of ``batch`` (see :func:`components.update.compute_advantages`)."""
+        return compute_advantages(batch, self.advantage_fn, self.adv_cfg)
 
     def _forward_logprobs(
         self, model: torch.nn.Module, batch: TokenBatch, rows: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, att = batch.input_ids[rows], batch.attention_mask[rows]
-        pos = (att.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=ids, attention_mask=att, position_ids=pos).logits
-        cw = batch.context_width
-        # Logits at position t predict token t+1: the response starts at cw.
-        resp_logits = logits[:, cw - 1 : -1]
-        return token_logprobs_and_entropy(resp_logits, ids[:, cw:], self.sampling.temperature or 1.0)
+        return forward_logprobs(model, batch, rows, self.sampling.temperature or 1.0)
 
     @torch.no_grad()
     def token_logprobs(
@@ -379,54 +309,20 @@ class PolicyModule(L.LightningModule):
         parts = [self._forward_logprobs(model, batch, r) for r in rows.split(self.micro_batch_rows)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
-    def update(self, batch: TokenBatch) -> None:
-        """PPO epochs x mini-batches of clipped-surrogate updates, with exact aggregation over
-        micro-batches.
+    def optimizer_update(self, opt: Any, last: bool) -> None:
+        """Clip, then apply one optimizer update of the gradients accumulated by ``manual_backward``.
 
-        Rows whose advantage is zero on every token have exactly zero policy-loss gradient, so when
-        there is no KL or entropy term (which would give them one) they are left out of the
-        forward/backward pass (``skip_zero_advantage``), while still counting in the aggregate's
-        denominator: the same gradient for a fraction of the compute.
+        Lightning counts every ``LightningOptimizer.step`` as a global step. One generation batch is
+        one step here (``max_steps``, checkpoint and sampler schedules count generation batches), so
+        only the batch's ``last`` update goes through it; the earlier ones go straight through the
+        strategy (which still applies the precision plugin, e.g. a grad scaler).
         """
-        lc = self.loss_cfg
-        opt = self.optimizers()
-        n = batch.size
-        skip = self.skip_zero_advantage and lc.kl_coef == 0 and lc.entropy_coef == 0
-        runs = (batch.advantages != 0).any(-1).cpu() if skip else torch.ones(n, dtype=torch.bool)
-        reuse = self.ppo_epochs > 1 or self.num_minibatches > 1
-        if reuse:
-            batch.old_logprobs = self.token_logprobs(batch)[0]
-        if self.ref_policy is not None:
-            batch.ref_logprobs = self.token_logprobs(batch, model=self.ref_policy)[0]
-        mask = batch.response_mask
-        norm_len = lc.norm_len or self.sampling.max_new_tokens
-        stats: dict[str, list[float]] = defaultdict(list)
-        minibatches = []
-        for _epoch in range(self.ppo_epochs):
-            perm = torch.randperm(n) if reuse else torch.arange(n)
-            minibatches += [mb for mb in perm.tensor_split(self.num_minibatches) if len(mb)]
-        for update, mb in enumerate(minibatches, start=1):
-            tok_den = mask[mb].sum().clamp(min=1)  # the aggregate's denominators: the whole mini-batch
-            seq_den = (mask[mb].sum(-1) > 0).sum().clamp(min=1)
-            opt.zero_grad(set_to_none=True)
-            to_run = mb[runs[mb]]
-            for rows in to_run.split(self.micro_batch_rows) if len(to_run) else ():  # split() of nothing gives one empty chunk
-                loss = self._micro_loss(batch, rows, tok_den, seq_den, norm_len, stats)
-                self.manual_backward(loss)
-            if self.grad_clip:
-                self.clip_gradients(opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
-            if update == len(minibatches):
-                opt.step()
-            else:
-                # Lightning counts every LightningOptimizer.step as a global step. One generation
-                # batch is one step here (max_steps, checkpoint and sampler schedules count
-                # generation steps), so the earlier updates go straight through the strategy
-                # (which still applies the precision plugin, e.g. a grad scaler).
-                self.trainer.strategy.optimizer_step(opt.optimizer, closure=_no_closure, model=self)
-        if not stats:  # no row had a non-zero advantage: the loss was exactly 0
-            stats = {"loss/policy": [0.0], "loss/kl": [0.0], "policy/clip_frac": [0.0]}
-        for k, v in stats.items():
-            self._step_metrics[k] = sum(v) / len(v)
+        if self.grad_clip:
+            self.clip_gradients(opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
+        if last:
+            opt.step()
+        else:
+            self.trainer.strategy.optimizer_step(opt.optimizer, closure=_no_closure, model=self)
 
     def _empty_step(self) -> None:
         """No group reached the loss: take a no-op optimizer step (no gradients) so that the step
@@ -434,41 +330,6 @@ class PolicyModule(L.LightningModule):
         opt = self.optimizers()
         opt.zero_grad(set_to_none=True)
         opt.step()
-
-    def _micro_loss(
-        self,
-        batch: TokenBatch,
-        rows: torch.Tensor,
-        tok_den: torch.Tensor,
-        seq_den: torch.Tensor,
-        norm_len: int,
-        stats: dict[str, list[float]],
-    ) -> torch.Tensor:
-        lc = self.loss_cfg
-        logp, entropy = self._forward_logprobs(self.policy, batch, rows)
-        mask = batch.response_mask[rows]
-        adv = batch.advantages[rows]
-        old = batch.old_logprobs[rows] if batch.old_logprobs is not None else logp.detach()
-        pg, info = self.policy_loss(logp, old, adv, mask, clip_low=lc.clip_low, clip_high=lc.clip_high, dual_clip=lc.dual_clip)
-        total = pg
-        kl = None
-        if batch.ref_logprobs is not None:
-            kl = kl_k3(logp, batch.ref_logprobs[rows])
-            total = total + lc.kl_coef * kl
-        if lc.entropy_coef:
-            total = total - lc.entropy_coef * entropy
-        # Each micro-batch's share of the mini-batch aggregate, so accumulation is exact.
-        share = mask.sum() / tok_den if lc.agg == "token-mean" else (mask.sum(-1) > 0).sum() / seq_den
-        loss = self.aggregate(total, mask, norm_len=norm_len) * share
-        with torch.no_grad():
-            ntok = mask.sum().clamp(min=1)
-            stats["loss/policy"].append(float(self.aggregate(pg, mask, norm_len=norm_len)))
-            stats["policy/entropy"].append(float((entropy * mask).sum() / ntok))
-            stats["policy/clip_frac"].append(float((info["clipped"] * mask).sum() / ntok))
-            stats["policy/dual_clip_frac"].append(float((info["dual_clipped"] * mask).sum() / ntok))
-            stats["policy/ratio_mean"].append(float((info["ratio"] * mask).sum() / ntok))
-            stats["loss/kl"].append(float((kl * mask).sum() / ntok) if kl is not None else 0.0)
-        return loss
 
     # ---- metrics ------------------------------------------------------------------------------
     def _log_gate(self, groups: list[Group]) -> None:
