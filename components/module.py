@@ -503,6 +503,10 @@ class PolicyModule(L.LightningModule):
                 rows["completion"].append(r.text)
                 rows["reward"].append(r.reward)
                 rows["passed"].append(bool(r.passed))
+        # Extra per-rollout details (Rollout.meta, e.g. DRO's R3 token weights): one column each.
+        shown = [r for g in groups[:8] for r in g.rollouts[:4]]
+        for key in sorted({k for r in shown for k in r.meta}):
+            rows[key] = [str(r.meta.get(key, "")) for r in shown]
         if rows["step"]:
             logger.experiment.log_table(logger.run_id, data=rows, artifact_file=f"completions/step_{self.global_step:06d}.json")
 

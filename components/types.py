@@ -55,6 +55,9 @@ class Rollout:
     # Per-rollout weight multiplying this rollout's advantage (beside the group's prompt weight),
     # e.g. the inverse of its selection probability after label-dependent down-sampling.
     weight: float = 1.0
+    # Per-rollout details a reward or sampler attaches for inspection (e.g. DRO's R3 token
+    # weights); the sample-completions table prints one column per key.
+    meta: dict = field(default_factory=dict)
 
 
 @dataclass
