@@ -130,3 +130,17 @@ def pool_mean_advantage(
     if normalize_std:
         adv = adv / ((b * (1 - b)).clamp(min=0).sqrt() + eps)
     return adv.float()
+
+
+@register_advantage("raft")
+def raft_advantage(rewards: torch.Tensor, group: torch.Tensor, threshold: float = 0.0, **_: object) -> torch.Tensor:
+    """RAFT (rejection-sampling fine-tuning): ``A = r`` on accepted rollouts (``r > threshold``), 0 otherwise.
+
+    The GVM authors' ``compute_raft_outcome_advantage`` (RLHFlow/GVM ``core_algos.py``) is
+    ``max(r, 0)``: with rewards in {0, 1} only reward-1 samples get a gradient, each with weight 1,
+    and the policy loss turns it into likelihood maximisation of the accepted samples. No baseline,
+    no group statistics: ``group`` is unused. Rejected rollouts stay in the batch with A = 0 (as in
+    the authors' token-mean, their tokens count in the denominator).
+    """
+    r = rewards.double()
+    return torch.where(r > threshold, r, torch.zeros_like(r)).float()

@@ -121,3 +121,26 @@ def ppo_clip_loss(
     else:
         dual_tok = torch.zeros_like(loss)
     return loss, {"ratio": ratio.detach(), "clipped": clipped_tok, "dual_clipped": dual_tok}
+
+
+@_register(POLICY_LOSSES, "raft_vanilla")
+def raft_vanilla_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    dual_clip: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Vanilla RAFT: per-token ``-A log pi`` (no importance ratio, no clip), the GVM authors'
+    ``compute_policy_loss_vanilla`` (``policy_loss=vanilla``). With the ``raft`` advantage this is
+    supervised fine-tuning on the accepted samples. RAFT++ is ``ppo_clip`` (importance sampling and
+    clipping, the authors' ``policy_loss=plusplus``) with the same advantage; the two agree at ratio 1
+    and differ once a generation batch is used for several updates. The clip settings are accepted
+    and only reported (the ratio and what the clip *would* do), as in the authors' code.
+    """
+    ratio = torch.exp((logp - old_logp).clamp(-20, 20))
+    loss = -advantages * logp
+    would_clip = (-advantages * ratio.clamp(1 - clip_low, 1 + clip_high) > -advantages * ratio).float()
+    return loss, {"ratio": ratio.detach(), "clipped": would_clip, "dual_clipped": torch.zeros_like(loss)}

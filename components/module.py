@@ -34,6 +34,7 @@ from components.losses import get_aggregation, get_policy_loss
 from components.policy import encode_messages, encode_prompt, load_policy
 from components.rewards import Reward, VerifierReward, score_guarded
 from components.samplers.base import FixedGroupSampler, Sampler
+from components.signal_health import log_signal_health
 from components.types import Group, Prompt, Rollout
 from components.update import (
     AdvantageConfig,
@@ -355,6 +356,7 @@ class PolicyModule(L.LightningModule):
         else:
             self._empty_step()
         self._step_metrics["time/update_s"] = time.perf_counter() - t_update
+        log_signal_health(self, groups, batch)
         self._step_metrics["time/train_s"] = time.perf_counter() - t_step  # evaluation runs outside the step
         self._log_step(groups, batch)
         if self.log_completions_every_n_steps and self.global_step % self.log_completions_every_n_steps == 0:

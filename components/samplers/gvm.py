@@ -14,8 +14,8 @@ from typing import Any
 import torch
 
 from components.errors import ConfigError
-from components.samplers.allocation import AllocationSampler, Plan, by_uid
-from components.samplers.base import SamplingContext
+from components.samplers.allocation import AllocationSampler, Plan, by_uid, largest_remainder
+from components.samplers.base import SamplingContext, make_group
 from components.types import Group, Prompt, Rollout
 
 
@@ -90,6 +90,23 @@ class GVMSampler(AllocationSampler):
     accepted stage-1 samples); the gradient uses the policy's sampling temperature, like the loss.
     Without a module (unit-test contexts) G is not computed and every prompt gets the mean G.
 
+    **The authors' form** (``shards: k``; ``RLHFlow/GVM`` ``em/run_em.sh``, reference §7b): the
+    training pool (the data module's ``train_pool``, shuffled once with ``shard_seed``) is split into
+    ``k`` contiguous *shards* of ``ceil(|pool| / k)`` prompts, visited in turn (shard 0, 1, ..., k-1,
+    0, ...: one EM iteration per shard, as GVM's ``numina_math_t``). When a shard starts, every one
+    of its prompts gets ``stage1`` fresh *estimation* samples from the current policy; they are used
+    for p_i (= passes / stage1, no history) and G_i (accepted ones, at most ``grad_samples``) and are
+    **not trained on**. The allocation ``n_i ∝ G_i / sqrt(p_i + α/p_i)`` is normalised over the
+    whole shard to ``rollouts_per_prompt x |shard|``, with no floor and no cap (p_i = 0 gives 0);
+    each step then trains on the shard's next B prompts (B = the step's batch size; the data
+    module's own draw only sets B) with their n_i, skipping prompts with n_i = 0, so a step's
+    rollouts vary around ``rollouts_per_prompt x B``. Estimation samples are drawn through
+    ``ctx.sample``, so they are in ``budget/rollouts`` and ``budget/tokens`` (the compute spent), and
+    also in ``budget/estimation_rollouts`` / ``budget/estimation_tokens`` (and the sampler's
+    cumulative ``gvm/cum_estimation_tokens``): the authors' training-token count is
+    ``budget/tokens - budget/estimation_tokens``. Requires ``n_min: 0``, ``n_max: null``,
+    ``pilot: 0`` and no ``budget``. ``shards: null`` (default) is the online form above.
+
     Metrics (``gvm/``): the allocation summary of :class:`AllocationSampler` plus ``G_mean`` (over the
     batch's prompts with a G), ``G_known_frac``, ``p_mean`` (known p), ``unsolved_frac`` (known p = 0),
     ``unseen_frac``, ``grad_refreshed`` (prompts whose G was recomputed this step) and ``grad_time_s``.
@@ -102,6 +119,9 @@ class GVMSampler(AllocationSampler):
             trainer's global step: one per generation batch).
         grad_samples: accepted rollouts per prompt used for G (>= 1).
         decay: the EMA factor applied to a prompt's counts at each visit (1: cumulative, 0: this visit only).
+        shards: the authors' form: split the pool into this many shards visited in turn (null: online).
+        stage1: estimation samples per prompt at the start of each shard (authors: 8).
+        shard_seed: seed of the one shuffle of the pool before it is split.
     """
 
     prefix = "gvm"
@@ -119,6 +139,9 @@ class GVMSampler(AllocationSampler):
         refresh_every: int = 10,
         grad_samples: int = 4,
         decay: float = 0.9,
+        shards: int | None = None,
+        stage1: int = 8,
+        shard_seed: int = 0,
     ) -> None:
         super().__init__(rollouts_per_prompt=rollouts_per_prompt, budget=budget, n_min=n_min, n_max=n_max, pilot=pilot)
         f = "model.sampler."
@@ -132,6 +155,21 @@ class GVMSampler(AllocationSampler):
             raise ConfigError(f + "grad_samples", f"must be >= 1, got {grad_samples}")
         if not 0.0 <= decay <= 1.0:
             raise ConfigError(f + "decay", f"must be in [0, 1], got {decay}")
+        if shards is not None:
+            if shards < 1:
+                raise ConfigError(f + "shards", f"must be >= 1 or null (the online form), got {shards}")
+            if stage1 < 1:
+                raise ConfigError(f + "stage1", f"must be >= 1 estimation samples per prompt, got {stage1}")
+            for name, val, want in (("n_min", n_min, 0), ("n_max", n_max, None), ("pilot", pilot, 0), ("budget", budget, None)):
+                if val != want:
+                    raise ConfigError(f + name, f"must be {want} with shards (the authors' form: no floor, no cap), got {val}")
+        self.shards, self.stage1, self.shard_seed = shards, stage1, shard_seed
+        self.shard_index = -1  # the shard being trained on (-1: none started)
+        self.shard_uids: list[str] = []  # its prompts, in visiting order
+        self.cursor = 0  # position of the next prompt in the shard
+        self.shard_alloc: dict[str, int] = {}  # uid -> n_i for the current shard
+        self.shard_rates: dict[str, float] = {}  # uid -> p_i from the stage-1 samples
+        self.estimation = [0, 0]  # cumulative [rollouts, tokens] of stage-1 samples
         self.alpha, self.beta, self.zero_budget_unsolved = alpha, beta, zero_budget_unsolved
         self.refresh_every, self.grad_samples, self.decay = refresh_every, grad_samples, decay
         self.counts: dict[str, list[float]] = {}  # uid -> [n, k], EMA-decayed
@@ -214,13 +252,106 @@ class GVMSampler(AllocationSampler):
         ctx.log("gvm/grad_refreshed", len(self._refreshed))
         ctx.log("gvm/grad_time_s", self._grad_time)
 
+    # ---- the authors' form: stage-1 estimation per data shard -----------------------------------
+    def collect(self, prompts: list[Prompt], ctx: SamplingContext) -> list[Group]:
+        if self.shards is None:
+            return super().collect(prompts, ctx)
+        if not prompts:
+            return []
+        pool = self._pool(ctx)
+        if self.shard_index < 0 or self.cursor >= len(self.shard_uids):
+            self._start_shard(pool, ctx)
+        take = [pool[u] for u in self.shard_uids[self.cursor : self.cursor + len(prompts)]]
+        self.cursor += len(take)
+        n_each = [self.shard_alloc[p.uid] for p in take]
+        outs = self._sample(ctx, take, n_each)
+        groups = []
+        for p, rs in zip(take, outs, strict=True):
+            if rs:
+                g = make_group(p, ctx.context_of(p), rs)
+                g.meta["alloc_n"] = len(rs)
+                groups.append(g)
+        self.observe(take, outs, ctx)
+        self.last_allocation = {p.uid: n for p, n in zip(take, n_each, strict=True)}
+        self._log_allocation(ctx, n_each, [self.shard_rates[p.uid] for p in take], outs, sum(n_each))
+        ctx.log("gvm/shard", self.shard_index)
+        ctx.log("gvm/cum_estimation_tokens", self.estimation[1])
+        return groups
+
+    def _pool(self, ctx: SamplingContext) -> dict[str, Prompt]:
+        """The training pool by uid, from the data module (``train_pool``)."""
+        module = getattr(ctx, "module", None)
+        dm = getattr(getattr(module, "trainer", None), "datamodule", None)
+        pool = getattr(dm, "train_pool", None)
+        if pool is None and dm is not None and hasattr(dm, "setup"):
+            dm.setup("fit")
+            pool = getattr(dm, "train_pool", None)
+        if pool is None:
+            raise ConfigError("model.sampler.shards", "the authors' GVM form needs a data module with a train_pool")
+        return {p.uid: p for p in pool.prompts}
+
+    def shard_of(self, uids: list[str], index: int) -> list[str]:
+        """Shard ``index`` of the pool: a seeded shuffle of the (sorted) uids, split into k contiguous parts."""
+        order = sorted(uids)
+        gen = torch.Generator().manual_seed(self.shard_seed)
+        order = [order[i] for i in torch.randperm(len(order), generator=gen).tolist()]
+        size = math.ceil(len(order) / self.shards)
+        return order[index * size : (index + 1) * size]
+
+    def _start_shard(self, pool: dict[str, Prompt], ctx: SamplingContext) -> None:
+        """Next shard: stage-1 samples for all its prompts (not trained on), then its allocation."""
+        for _ in range(self.shards):  # a shard may be empty when k > |pool|: skip it
+            self.shard_index = (self.shard_index + 1) % self.shards
+            self.shard_uids, self.cursor = self.shard_of(list(pool), self.shard_index), 0
+            if self.shard_uids:
+                break
+        prompts = [pool[u] for u in self.shard_uids]
+        outs = ctx.sample(prompts, [self.stage1] * len(prompts))
+        n_roll, n_tok = sum(len(rs) for rs in outs), sum(len(r.token_ids) for rs in outs for r in rs)
+        self.estimation = [self.estimation[0] + n_roll, self.estimation[1] + n_tok]
+        add = getattr(ctx, "add_metrics", None)  # per-step sums beside budget/tokens
+        if callable(add):
+            add({"budget/estimation_rollouts": n_roll, "budget/estimation_tokens": n_tok})
+        else:
+            ctx.log("budget/estimation_rollouts", n_roll)
+            ctx.log("budget/estimation_tokens", n_tok)
+        self._refreshed, self._grad_time = set(), 0.0
+        for p in prompts:  # every prompt's G is re-estimated from this shard's samples
+            self.grads.pop(p.uid, None)
+        self._refresh_grads(prompts, outs, ctx)
+        self.shard_rates = {p.uid: sum(r.passed for r in rs) / len(rs) for p, rs in zip(prompts, outs, strict=True)}
+        g_mean = self._mean_g(prompts)
+        ratios = [
+            gvm_ratio(self.grads[p.uid][0] if p.uid in self.grads else g_mean, self.shard_rates[p.uid], self.alpha, self.beta)
+            for p in prompts
+        ]
+        n = largest_remainder(ratios, self.rollouts_per_prompt * len(prompts), field="model.sampler.rollouts_per_prompt")
+        self.shard_alloc = {p.uid: k for p, k in zip(prompts, n, strict=True)}
+        ctx.log("gvm/shard_prompts", len(prompts))
+        ctx.log("gvm/shard_zero_budget_frac", sum(k == 0 for k in n) / len(n))
+        ctx.log("gvm/grad_time_s", self._grad_time)
+
     # ---- checkpointed state ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
             "counts": {uid: [float(n), float(k)] for uid, (n, k) in self.counts.items()},
             "grads": {uid: [float(g), int(s)] for uid, (g, s) in self.grads.items()},
+            "shard": {
+                "index": int(self.shard_index),
+                "uids": list(self.shard_uids),
+                "cursor": int(self.cursor),
+                "alloc": {u: int(k) for u, k in self.shard_alloc.items()},
+                "rates": {u: float(r) for u, r in self.shard_rates.items()},
+                "estimation": [int(x) for x in self.estimation],
+            },
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.counts = {str(uid): [float(n), float(k)] for uid, (n, k) in state.get("counts", {}).items()}
         self.grads = {str(uid): [float(g), int(s)] for uid, (g, s) in state.get("grads", {}).items()}
+        sh = state.get("shard", {})
+        self.shard_index, self.cursor = int(sh.get("index", -1)), int(sh.get("cursor", 0))
+        self.shard_uids = [str(u) for u in sh.get("uids", [])]
+        self.shard_alloc = {str(u): int(k) for u, k in sh.get("alloc", {}).items()}
+        self.shard_rates = {str(u): float(r) for u, r in sh.get("rates", {}).items()}
+        self.estimation = [int(x) for x in sh.get("estimation", [0, 0])]
