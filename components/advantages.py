@@ -144,3 +144,6 @@ def raft_advantage(rewards: torch.Tensor, group: torch.Tensor, threshold: float 
     """
     r = rewards.double()
     return torch.where(r > threshold, r, torch.zeros_like(r)).float()
+
+
+raft_advantage.group_relative = False  # an all-correct group still gets A = 1: RAFT has no baseline
