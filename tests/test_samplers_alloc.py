@@ -476,3 +476,50 @@ def test_pearson():
     assert pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)
     assert pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
     assert pearson([1, 1], [1, 2]) is None and pearson([1], [1]) is None
+
+
+# ---- DynaMO as the authors run it: priorities refreshed per epoch --------------------------------------
+
+
+def test_dynamo_epoch_refresh_uses_the_snapshot_of_the_last_epoch():
+    prompts = make_prompts(4)
+    rates = {p.uid: r for p, r in zip(prompts, [0.0, 0.5, 1.0, 0.5], strict=True)}
+    s = DynaMOSampler(rollouts_per_prompt=16, n_min=8, n_max=24, refresh="epoch", epoch_prompts=8, positive="passed")
+    ctx = ScriptedContext(pass_rates=rates, seed=3)
+    s.collect(prompts, ctx)  # epoch 0, step 1: no snapshot -> all exploring, uniform
+    assert list(ctx.calls[-1].values()) == [16] * 4
+    s.collect(prompts, ctx)  # epoch 0, step 2: still the empty snapshot although history exists
+    assert list(ctx.calls[-1].values()) == [16] * 4 and s.counts and s.epochs == 1
+    assert s.ranked == s.counts  # 8 prompts drawn: the epoch ends, the snapshot is taken
+    snap = {u: list(v) for u, v in s.ranked.items()}
+    s.collect(prompts, ctx)  # epoch 1: the allocation follows the snapshot's priorities
+    n = ctx.calls[-1]
+    assert sum(n.values()) == 64 and all(8 <= x <= 24 for x in n.values())
+    assert n["p1"] > n["p0"] and n["p3"] > n["p2"]  # mixed prompts above never-solved / mastered
+    assert s.ranked == snap and s.counts != snap  # history moves on, the snapshot waits for the epoch end
+    step_mode = DynaMOSampler(rollouts_per_prompt=16, n_min=8, n_max=24, positive="passed")
+    c2 = ScriptedContext(pass_rates=rates, seed=3)
+    step_mode.collect(prompts, c2)
+    step_mode.collect(prompts, c2)
+    assert list(c2.calls[-1].values()) != [16] * 4  # per-step refresh reacts inside the epoch
+    # the epoch state round-trips
+    t = DynaMOSampler(rollouts_per_prompt=16, n_min=8, n_max=24, refresh="epoch", epoch_prompts=8, positive="passed")
+    t.load_state_dict(s.state_dict())
+    assert t.state_dict() == s.state_dict() and t.drawn_in_epoch == 4
+
+
+def test_dynamo_epoch_size_defaults_to_the_pool_and_config_errors():
+    pool = make_prompts(6)
+    s = DynaMOSampler(rollouts_per_prompt=8, refresh="epoch")
+    ctx = ScriptedContext(pass_rates={p.uid: 0.5 for p in pool})
+    ctx.module = type("M", (), {"trainer": type("T", (), {"datamodule": type("D", (), {"train_pool": pool})})})
+    s.collect(pool[:3], ctx)
+    assert s.epochs == 0
+    s.collect(pool[:3], ctx)
+    assert s.epochs == 1  # 6 prompts drawn = |pool|
+    with pytest.raises(ConfigError, match="model.sampler.epoch_prompts"):
+        DynaMOSampler(rollouts_per_prompt=8, refresh="epoch").collect(pool[:2], ScriptedContext())
+    with pytest.raises(ConfigError, match="model.sampler.refresh"):
+        DynaMOSampler(refresh="batch")
+    with pytest.raises(ConfigError, match="model.sampler.epoch_prompts"):
+        DynaMOSampler(refresh="epoch", epoch_prompts=0)

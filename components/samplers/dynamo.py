@@ -17,6 +17,7 @@ from components.samplers.base import SamplingContext
 from components.types import Prompt, Rollout
 
 POSITIVES = ("reward_gt_0", "passed")
+REFRESH = ("step", "epoch")
 
 
 class DynaMOSampler(AllocationSampler):
@@ -42,9 +43,15 @@ class DynaMOSampler(AllocationSampler):
     a positive is ``reward > 0`` (``positive: passed`` uses the reward's binary outcome instead).
 
     Choices (the paper body is [UNVERIFIED]; the code was read):
-      - priorities are refreshed from the history at *every step* (the released code refreshes them
-        once per epoch from previous epochs); with a fixed pool and small batches this reacts
-        faster and needs no notion of epoch;
+      - ``refresh: step`` (default) refreshes priorities from the history at *every step*: with a
+        fixed pool and small batches this reacts faster and needs no notion of epoch.
+        ``refresh: epoch`` is the authors' form (``update_rank`` once per epoch): an *epoch* is
+        ``epoch_prompts`` prompts drawn (default: the size of the data module's training pool),
+        counted over the prompts given to ``collect``; priorities, the exploring test and the
+        sample counts given to the water-filling all come from a snapshot of the history taken at
+        the last epoch boundary (empty during the first epoch, so it is all exploration, as the
+        authors' warm-up), while the history itself keeps accumulating every step. The authors'
+        bounds are ``rollouts_per_prompt: 16, n_min: 8, n_max: 24``;
       - an impossible budget (outside ``[B n_min, B n_max]``) is a ConfigError, where the code clips
         it silently.
 
@@ -60,6 +67,8 @@ class DynaMOSampler(AllocationSampler):
         mastery_threshold: history accuracy at which a prompt counts as mastered.
         min_priority: the priority floor (mastered and never-solved prompts).
         positive: ``reward_gt_0`` (the code's ``reward > 0``) or ``passed``.
+        refresh: ``step`` or ``epoch`` (the authors': priorities from a per-epoch snapshot).
+        epoch_prompts: prompts per epoch with ``refresh: epoch`` (null: the training pool's size).
     """
 
     prefix = "dynamo"
@@ -74,6 +83,8 @@ class DynaMOSampler(AllocationSampler):
         mastery_threshold: float = 0.85,
         min_priority: float = 0.01,
         positive: str = "reward_gt_0",
+        refresh: str = "step",
+        epoch_prompts: int | None = None,
     ) -> None:
         f = "model.sampler."
         if n_max is None:
@@ -89,7 +100,15 @@ class DynaMOSampler(AllocationSampler):
             raise ConfigError(f + "positive", f"unknown rule {positive!r}; valid: {list(POSITIVES)}")
         self.initial_budget, self.mastery_threshold = initial_budget, mastery_threshold
         self.min_priority, self.positive = min_priority, positive
+        if refresh not in REFRESH:
+            raise ConfigError(f + "refresh", f"unknown schedule {refresh!r}; valid: {list(REFRESH)}")
+        if epoch_prompts is not None and epoch_prompts < 1:
+            raise ConfigError(f + "epoch_prompts", f"must be >= 1 or null (the training pool's size), got {epoch_prompts}")
+        self.refresh, self.epoch_prompts = refresh, epoch_prompts
         self.counts: dict[str, list[int]] = {}  # uid -> [G (rollouts so far), k (positives so far)]
+        self.ranked: dict[str, list[int]] = {}  # refresh=epoch: the counts at the last epoch boundary
+        self.drawn_in_epoch = 0  # refresh=epoch: prompts drawn since that boundary
+        self.epochs = 0
 
     def is_positive(self, r: Rollout) -> bool:
         return r.reward > 0 if self.positive == "reward_gt_0" else bool(r.passed)
@@ -105,8 +124,23 @@ class DynaMOSampler(AllocationSampler):
         return max(var + (1.0 - acc) * 1e-6, self.min_priority)
 
     # ---- AllocationSampler hooks ----------------------------------------------------------------
+    def _history(self) -> dict[str, list[int]]:
+        """The counts priorities are computed from: live (``step``) or the epoch snapshot (``epoch``)."""
+        return self.counts if self.refresh == "step" else self.ranked
+
+    def _epoch_size(self, ctx: SamplingContext) -> int:
+        if self.epoch_prompts is not None:
+            return self.epoch_prompts
+        dm = getattr(getattr(getattr(ctx, "module", None), "trainer", None), "datamodule", None)
+        pool = getattr(dm, "train_pool", None)
+        if pool is None:
+            raise ConfigError(
+                "model.sampler.epoch_prompts", "refresh: epoch needs epoch_prompts or a data module with a train_pool"
+            )
+        return len(pool)
+
     def plan(self, prompts: list[Prompt], ctx: SamplingContext, pilot: list[list[Rollout]] | None) -> Plan:
-        hist = [self.counts.get(p.uid, (0, 0)) for p in prompts]
+        hist = [self._history().get(p.uid, (0, 0)) for p in prompts]
         prio = [self.priority(g, k) for g, k in hist]
         b = len(prompts)
         done = [pr for pr in prio if pr >= 0]
@@ -120,17 +154,32 @@ class DynaMOSampler(AllocationSampler):
         return Plan(shares=[max(pr, 0.0) for pr in prio], pass_rates=[k / g if g else None for g, k in hist])
 
     def integerise(self, plan: Plan, budget: int, floors: list[int], caps: list[int | None], prompts: list[Prompt]) -> list[int]:
-        counts = [self.counts.get(p.uid, (0, 0))[0] for p in prompts]
+        counts = [self._history().get(p.uid, (0, 0))[0] for p in prompts]
         return water_fill(plan.shares, budget, self.n_min, self.n_max, counts, self.initial_budget, field=self._budget_field)
 
     def observe(self, prompts: list[Prompt], outs: list[list[Rollout]], ctx: SamplingContext) -> None:
         for uid, rs in by_uid(prompts, outs).items():
             g, k = self.counts.get(uid, (0, 0))
             self.counts[uid] = [g + len(rs), k + sum(self.is_positive(r) for r in rs)]
+        if self.refresh == "epoch":
+            self.drawn_in_epoch += len(prompts)
+            size = self._epoch_size(ctx)
+            if self.drawn_in_epoch >= size:  # end of an epoch: update_rank from all history so far
+                self.ranked = {u: list(v) for u, v in self.counts.items()}
+                self.drawn_in_epoch -= size
+                self.epochs += 1
+            ctx.log("dynamo/epochs", self.epochs)
 
     # ---- checkpointed state ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"counts": {uid: [int(g), int(k)] for uid, (g, k) in self.counts.items()}}
+        return {
+            "counts": {uid: [int(g), int(k)] for uid, (g, k) in self.counts.items()},
+            "ranked": {uid: [int(g), int(k)] for uid, (g, k) in self.ranked.items()},
+            "drawn_in_epoch": int(self.drawn_in_epoch),
+            "epochs": int(self.epochs),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.counts = {str(uid): [int(g), int(k)] for uid, (g, k) in state.get("counts", {}).items()}
+        self.ranked = {str(uid): [int(g), int(k)] for uid, (g, k) in state.get("ranked", {}).items()}
+        self.drawn_in_epoch, self.epochs = int(state.get("drawn_in_epoch", 0)), int(state.get("epochs", 0))
