@@ -447,3 +447,52 @@ def test_log_signal_health_on_a_real_batch(tmp_path):
         {"grpo": {"health/lone_adv_max": [(0, 0.5), (1, 0.7)], "eval/pass_at_1": [(0, 0.1)]}}, tmp_path / "h.png"
     )
     assert path.exists() and path.stat().st_size > 0
+
+
+# ---- 5. DynaMO modulation as the authors run it --------------------------------------------------------
+def test_dynamo_micro_batch_form_uses_the_real_ratio_and_all_tokens():
+    from components.callbacks.token_modulation import DynaMOModulation, dynamo_token_factors
+
+    torch.manual_seed(0)
+    logp = -torch.rand(3, 5) * 2
+    ent = torch.rand(3, 5) * 3
+    ent[1, 0] = 5.0  # the zero-advantage row holds the micro-batch's highest entropy
+    mask = torch.ones(3, 5)
+    adv = torch.tensor([[1.0] * 5, [0.0] * 5, [-3.0] * 5])  # the negative row holds the largest |dH|
+    at_one, _ = dynamo_token_factors(adv, logp, ent, mask, stats_over="all")
+    j = int(at_one[2].argmin())  # the most damped negative token at ratio 1 (factor = stabiliser only)
+    assert at_one[2, j] < 0.9
+    old = logp.clone()
+    old[2, j] += 1.0  # ratio e^-1 < 1 - eps_low with A < 0: the clipped surrogate has no gradient there
+    cb = DynaMOModulation(where="micro_batch")
+    log = _Log()
+    log.loss_cfg = SimpleNamespace(clip_low=0.2, clip_high=0.28)
+    out = cb.on_micro_batch(logp, old, ent, adv, mask, log)
+    want, _ = dynamo_token_factors(adv, logp, ent, mask, ratio=torch.exp(logp - old), stats_over="all")
+    torch.testing.assert_close(out, adv * want)
+    # the real ratio: I_clip = 0 leaves that token undamped, where ratio 1 damped it
+    assert want[2, j] > 0.99
+    # statistics over all tokens: the zero-advantage row's entropy sets H_max, so the compensation
+    # of the positive row differs from statistics over non-zero-advantage tokens only
+    nz, _ = dynamo_token_factors(adv, logp, ent, mask, ratio=torch.exp(logp - old), stats_over="nonzero")
+    assert not torch.allclose(want[0], nz[0])
+    assert "dynamo/stab_mean" in log.metrics
+    # where: batch leaves the micro-batch alone, and micro_batch leaves on_advantages alone
+    assert DynaMOModulation().on_micro_batch(logp, old, ent, adv, mask, log) is adv
+    batch = SimpleNamespace(advantages=adv.clone())
+    cb.on_advantages(batch, log)
+    assert torch.equal(batch.advantages, adv)
+
+
+def test_dynamo_micro_batch_form_refuses_what_it_cannot_do():
+    from components.callbacks.base import SignalCallback
+    from components.callbacks.token_modulation import DynaMOModulation
+
+    cb = DynaMOModulation(where="micro_batch")
+    with pytest.raises(ConfigError):
+        # without the hook: "needs the update's on_micro_batch hook"; with it: skip_zero_advantage must be off
+        cb.setup(None, SimpleNamespace(skip_zero_advantage=True), "fit")
+    if hasattr(SignalCallback, "on_micro_batch"):
+        cb.setup(None, SimpleNamespace(skip_zero_advantage=False), "fit")
+    with pytest.raises(ConfigError, match="DynaMOModulation.where"):
+        DynaMOModulation(where="token")

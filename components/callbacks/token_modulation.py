@@ -24,8 +24,20 @@ Each token's advantage is multiplied by two detached factors::
 Defaults are the authors' ``decay6_linearnorm`` (mu_max 1.2, lambda_min 0.6, tau 0.99, gamma 50);
 their ``decay5_linearnorm`` is mu_max 1.4, lambda_min 0.6, tau 0.9.
 
-Choices where the reference is silent or differs (UNVERIFIED against the paper body, which was not
-reachable; they are tested in ``tests/test_token_modulation.py``):
+Two forms, chosen by ``where``:
+
+* ``where: micro_batch`` — **the authors' form** (``dp_actor.py``): the factors are computed inside
+  the update, in every forwarded micro-batch of every mini-batch update (the
+  ``SignalCallback.on_micro_batch`` hook), from that forward's entropy and the real ratio
+  pi/pi_old, so the stabiliser's clip indicator acts once a batch feeds several updates; H_max,
+  H_min and max |dH| are taken over *all* valid tokens of the micro-batch, zero-advantage tokens
+  included. The authors' micro-batches hold every row, so this form needs
+  ``model.skip_zero_advantage: false`` (a skipped row would change the statistics), and the
+  factors depend on ``micro_batch_rows`` as the authors' do on their micro-batch size.
+* ``where: batch`` (default) — ours, below.
+
+Choices of ``where: batch`` where the reference is silent or differs (UNVERIFIED against the paper
+body, which was not reachable; they are tested in ``tests/test_token_modulation.py``):
 
 * **When**: the factors are computed once per generation batch, in ``on_advantages``, from the
   policy that sampled it (one no-grad forward over the rows with a non-zero advantage). The authors
@@ -50,6 +62,7 @@ import torch
 from components.callbacks.base import SignalCallback
 from components.errors import ConfigError
 
+WHERE = ("batch", "micro_batch")
 # Diagnostics when no token carries an advantage (nothing is modulated).
 _NEUTRAL = {"comp_mean": 1.0, "stab_mean": 1.0, "stab_min": 1.0, "factor_mean": 1.0, "dH_abs_mean": 0.0}
 
@@ -66,12 +79,14 @@ def dynamo_token_factors(
     lambda_min: float = 0.6,
     tau: float = 0.99,
     gamma: float = 50.0,
+    stats_over: str = "nonzero",
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Per-token modulation factors ``beta_comp * beta_stab`` (``(N, T)``, detached, 1 off ``mask``).
 
     All inputs are ``(N, T)`` over response tokens. ``ratio`` is pi/pi_old per token (default 1:
-    on-policy). Statistics (entropy range, max |dH|) are over the tokens that are in ``mask`` and
-    have a non-zero advantage. Returns the factors and scalar diagnostics.
+    on-policy). Statistics (entropy range, max |dH|) are over the tokens in ``mask`` that have a
+    non-zero advantage (``stats_over: nonzero``) or over every token in ``mask`` (``all``, the
+    authors'). Returns the factors and scalar diagnostics.
     """
     with torch.no_grad():
         adv, logp, ent = advantages.float(), logp.float(), entropy.float()
@@ -81,9 +96,10 @@ def dynamo_token_factors(
         if not act.any():
             return ones, dict(_NEUTRAL)
         rho = ones if ratio is None else ratio.float()
+        pool = m if stats_over == "all" else act  # the tokens the statistics are taken over
 
         # Compensation: linear in entropy, top at the most confident token, positive A only.
-        h_act = ent[act]
+        h_act = ent[pool]
         h_max, h_min = h_act.max(), h_act.min()
         spread = h_max - h_min
         if spread > 1e-12:
@@ -98,7 +114,7 @@ def dynamo_token_factors(
         pl = logp.exp() * (logp + ent)
         n_tok = m.sum(-1, keepdim=True).clamp(min=1)
         seq_mean = (pl * m).sum(-1, keepdim=True) / n_tok
-        d_h = (-xi * (pl - seq_mean)).abs() * act
+        d_h = (-xi * (pl - seq_mean)).abs() * pool
         big = d_h.max()
         x = d_h / big if big > 0 else torch.zeros_like(d_h)
         stab = lambda_min + (1 - lambda_min) * torch.sigmoid(-gamma * (x - tau))
@@ -127,9 +143,13 @@ class DynaMOModulation(SignalCallback):
         lambda_min: floor of the stabiliser sigmoid (authors: 0.6).
         tau: sigmoid centre on the normalised entropy change (authors: 0.99).
         gamma: sigmoid steepness (authors: 50).
+        where: ``batch`` (ours: once per step, before the updates) or ``micro_batch`` (the authors':
+            inside every micro-batch of the update, real ratio, statistics over all its tokens).
     """
 
-    def __init__(self, mu_max: float = 1.2, lambda_min: float = 0.6, tau: float = 0.99, gamma: float = 50.0) -> None:
+    def __init__(
+        self, mu_max: float = 1.2, lambda_min: float = 0.6, tau: float = 0.99, gamma: float = 50.0, where: str = "batch"
+    ) -> None:
         checks = (
             ("mu_max", mu_max, mu_max >= 1, ">= 1 (1 switches compensation off)"),
             ("lambda_min", lambda_min, 0 < lambda_min <= 1, "in (0, 1] (1 switches the stabiliser off)"),
@@ -139,9 +159,56 @@ class DynaMOModulation(SignalCallback):
         for name, val, ok, valid in checks:
             if not (isinstance(val, (int, float)) and math.isfinite(val) and ok):
                 raise ConfigError(f"DynaMOModulation.{name}", f"must be {valid}, got {val!r}")
+        if where not in WHERE:
+            raise ConfigError("DynaMOModulation.where", f"must be one of {list(WHERE)}, got {where!r}")
         self.mu_max, self.lambda_min, self.tau, self.gamma = mu_max, lambda_min, tau, gamma
+        self.where = where
+        self._sums: dict[str, float] = {}
+        self._n = 0
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if self.where != "micro_batch":
+            return
+        if not hasattr(SignalCallback, "on_micro_batch"):
+            raise ConfigError("DynaMOModulation.where", "micro_batch needs the update's on_micro_batch hook, absent here")
+        if getattr(pl_module, "skip_zero_advantage", False):
+            raise ConfigError(
+                "model.skip_zero_advantage",
+                "must be false with DynaMOModulation where: micro_batch (its statistics cover every row)",
+            )
+
+    def on_micro_batch(
+        self,
+        logp: torch.Tensor,
+        old_logp: torch.Tensor,
+        entropy: torch.Tensor,
+        advantages: torch.Tensor,
+        mask: torch.Tensor,
+        module: Any,
+    ) -> torch.Tensor:
+        """The authors' form: factors from this micro-batch's forward and real ratio, over all its tokens."""
+        if self.where != "micro_batch":
+            return advantages
+        lc = module.loss_cfg
+        factor, info = dynamo_token_factors(
+            advantages, logp, entropy, mask, ratio=torch.exp((logp - old_logp).clamp(-20, 20)),
+            clip_low=lc.clip_low, clip_high=lc.clip_high,
+            mu_max=self.mu_max, lambda_min=self.lambda_min, tau=self.tau, gamma=self.gamma, stats_over="all",
+        )  # fmt: skip
+        # Diagnostics: the mean over the step's micro-batches, logged by on_train_batch_end.
+        for k, v in info.items():
+            self._sums[k] = self._sums.get(k, 0.0) + v
+        self._n += 1
+        for k, v in self._sums.items():
+            module.log_metric(f"dynamo/{k}", v / self._n)
+        return advantages * factor.detach()
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self._sums, self._n = {}, 0
 
     def on_advantages(self, batch: Any, module: Any) -> None:
+        if self.where == "micro_batch":
+            return
         adv = batch.advantages
         rows = (adv != 0).any(-1).nonzero().squeeze(-1).cpu()
         if len(rows):
