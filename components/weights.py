@@ -103,8 +103,8 @@ def _sources(module: Any) -> list[tuple[str, Any]]:
         out.append((field, s))
         s, field = getattr(s, "inner", None), field + ".inner"
     trainer = getattr(module, "_trainer", None)
-    for i, cb in enumerate(getattr(trainer, "callbacks", None) or []):
-        out.append((f"trainer.callbacks[{i}]", cb))
+    for cb in getattr(trainer, "callbacks", None) or []:
+        out.append(("trainer.callbacks", cb))
     return out
 
 
