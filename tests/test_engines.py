@@ -422,7 +422,7 @@ def test_vllm_engine_in_a_fit_with_resume(standin, tmp_path, monkeypatch):
     first_rpc = calls.index("collective_rpc")
     assert "generate" not in calls[:first_rpc]  # the initial sync comes before any generate
     trained = {n: p.detach().clone() for n, p in first.model.policy.named_parameters()}
-    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    ckpt = next((tmp_path / "checkpoints").rglob("last.ckpt"))  # checkpoints/<run>/last.ckpt
     second = build_cli([*args, "--trainer.max_steps", "3", "--ckpt_path", str(ckpt)])
     assert second.trainer.global_step == 3
     eng2 = second.model.engine
