@@ -19,6 +19,7 @@ import json
 import time
 
 import torch
+import yaml
 
 from components.regimes import REGIMES, build_regime, cached_report, get_regime
 
@@ -34,7 +35,9 @@ def measure(name: str) -> dict:
     tasks = reg.warm_start.tasks if reg.warm_start is not None else default_tasks()
     dm = PromptDataModule(tasks=tasks, train_size=2000, heldout_size=300, seed=0)
     dm.setup()
-    max_new = (cached_report(name) or {}).get("max_new_tokens", 8)
+    # The generation length the regime's runs use (its overlay's model.sampling.max_new_tokens).
+    overlay = yaml.safe_load(reg.config.read_text())
+    max_new = overlay.get("model", {}).get("sampling", {}).get("max_new_tokens", 8)
     lengths: dict[str, list[int]] = {}
     t0 = time.time()
     rates = measure_pass_rates(model, tok, dm, max_new, samples=4, answer_lengths=lengths)

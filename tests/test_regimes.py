@@ -231,3 +231,16 @@ def test_build_regime_caches_by_spec(tmp_path, monkeypatch):
     assert build_regime("toy", cache_root=tmp_path, log=logs.append) == path and not logs  # cache hit
     spec.target = 0.5  # another spec: the cached model no longer matches
     assert cached_report("toy", tmp_path) is None
+
+
+def test_model_sizes_and_spec_checks():
+    from components.warm_start import new_model
+
+    for size, lo, hi in (("tiny", 0.8e6, 1.0e6), ("small", 2e6, 4e6)):
+        model, tok = new_model(size, 128)
+        n = sum(p.numel() for p in model.parameters())
+        assert lo < n < hi and model.config.max_position_embeddings == 128 and model.config.vocab_size == len(tok)
+    with pytest.raises(ConfigError, match="warm_start.target_tag"):
+        WarmStartSpec(default_tasks(), target_tag="d9").validate()
+    with pytest.raises(ConfigError, match="warm_start.model_size"):
+        WarmStartSpec(default_tasks(), model_size="huge").validate()
