@@ -302,6 +302,7 @@ class PromptDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_pool is not None:
+            self._prefilter_pool(wait=True)
             return
         train: list[Prompt] = []
         weights: list[float] = []
@@ -323,12 +324,11 @@ class PromptDataModule(L.LightningDataModule):
             train += tr
             held += he
             weights += [ft.weight / max(len(tr), 1)] * len(tr)
-        if self.prefilter is not None and train:
-            train, weights, self.prefilter_report = apply_prefilter(self.prefilter, train, weights, self.verifier, self.trainer)
         if not train:
             raise ConfigError("data", "the training pool is empty: check data.tasks sizes and data.files contents")
         self.train_pool = PromptPool(train, weights)
         self.heldout = held
+        self._prefilter_pool(wait=True)
         # Each data-parallel rank draws its own prompts.
         if self.trainer is not None and self.trainer.world_size > 1:
             self.generator.manual_seed(self.seed + 7919 * self.trainer.global_rank)
@@ -338,7 +338,21 @@ class PromptDataModule(L.LightningDataModule):
         """``k`` more training prompts from the stream (used for batches and for refills)."""
         if self.train_pool is None:
             self.setup("fit")
+        self._prefilter_pool(wait=False)
         return self.train_pool.draw(k, self.generator)
+
+    def _prefilter_pool(self, wait: bool) -> None:
+        """Apply ``data.prefilter`` once, with the run's initial policy (components/prefilter.py).
+        Set-up checks build the pool before the trainer is attached: ``wait`` defers it until then."""
+        if self.prefilter is None or self.prefilter_report is not None:
+            return
+        if wait and self.trainer is None and self.prefilter.model is None:
+            return
+        pool = self.train_pool
+        kept, weights, self.prefilter_report = apply_prefilter(
+            self.prefilter, pool.prompts, pool.weights.tolist(), self.verifier, self.trainer
+        )
+        self.train_pool = PromptPool(kept, weights)
 
     def verifier(self, prompt: Prompt) -> Verifier:
         return self.verifiers[prompt.task]

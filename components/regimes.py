@@ -65,7 +65,7 @@ def _regimes() -> dict[str, Regime]:
             Regime(
                 "reasoning",
                 "1/2/3-digit sums with worked column-wise steps before '#### answer'; warm start to d2 >= 0.25",
-                WarmStartSpec(reasoning_tasks(), dense_slices, "d2", 0.25, max_positions=128, eval_every=200, eval_items=200),
+                WarmStartSpec(reasoning_tasks(), dense_slices, "d2", 0.25, max_positions=128, eval_every=50, eval_items=200),
             ),
         ]
     }
