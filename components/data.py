@@ -266,7 +266,9 @@ class PromptDataModule(L.LightningDataModule):
             item_key = [task.name, task.config, it["question"], str(it["answer"])]
             uid = stable_uid(key, item_key)
             marker = getattr(ds, "answer_marker", None)  # set by worked-steps tasks (components/tasks.py)
-            out.append(Prompt(uid, key, text, str(it["answer"]), dict(it), task.tag or task.name, ref, marker))
+            out.append(
+                Prompt(uid, key, text, str(it["answer"]), dict(it), task.tag or task.name, ref, marker, question=it["question"])
+            )
         return out
 
     def _file_prompts(self, ft: FileTask, i: int) -> tuple[list[Prompt], list[Prompt]]:
@@ -293,6 +295,7 @@ class PromptDataModule(L.LightningDataModule):
                     rec,
                     ft.tag or Path(ft.path).stem,
                     ref,
+                    question=rec[ft.prompt_field],
                 )
             )
         n_held = int(round(len(prompts) * ft.heldout_fraction))

@@ -40,6 +40,7 @@ class ScriptedContext:
         self.encoded: list[str] = []  # texts passed to encode()
         self.replies: list[str] = []  # scripted generate_text() replies
         self.conversations: list[list[dict[str, str]]] = []
+        self.temperatures: list[float] = []  # temperature of each generate_text() call
 
     def _reward(self, uid: str) -> float:
         if uid in self.scripts:
@@ -88,6 +89,7 @@ class ScriptedContext:
     ) -> list[str]:
         """Replies popped from ``self.replies`` in order (a test scripts what the 'policy' writes)."""
         self.conversations.extend(conversations)
+        self.temperatures.append(temperature)
         if len(self.replies) < len(conversations):
             raise AssertionError("ScriptedContext ran out of scripted text replies")
         out, self.replies = self.replies[: len(conversations)], self.replies[len(conversations) :]

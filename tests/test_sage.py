@@ -11,7 +11,7 @@ import pytest
 
 from components.cli import build_cli
 from components.errors import ConfigError
-from components.hints import PrefixHint, SelfHint, parse_hint_json
+from components.hints import HINT_SYSTEM, PrefixHint, SelfHint, leaks_answer, parse_hint_json, parse_hint_reply
 from components.samplers.sage import SAGESampler
 from components.types import Prompt
 from tests.fakes import ScriptedContext, make_prompts
@@ -35,27 +35,84 @@ def test_prefix_hints_grow_with_level_and_never_reveal_the_whole_solution():
     assert PrefixHint(use_answer=True).hints([_p("d", answer="7")], 3, None) == [None]
 
 
-def test_hint_json_parsing():
-    ok = 'Sure! {"level_1": "add units", "level_2": "carry the 1", "level_3": "units give 9"} done'
-    assert parse_hint_json(ok, 3) == {1: "add units", 2: "carry the 1", 3: "units give 9"}
-    assert parse_hint_json('{"level_1": "x", "level_2": ""}', 2) is None  # empty level
-    assert parse_hint_json('{"level_1": "x"', 1) is None  # not JSON
-    assert parse_hint_json("no braces", 1) is None
+FENCED_LATEX = r"""Here are the hints:
+```json
+{"level_1": "Use \frac{a}{b} and \sqrt{2}", "level_2": "\times then \neq", "level_3": "so {x}"}
+```
+Good luck! {"level_1": "not this one"}"""
+
+
+@pytest.mark.parametrize(
+    "reply, levels, expected, how",
+    [
+        ('Sure! {"level_1": "add units", "level_2": "carry the 1"} done } }', 2, {1: "add units", 2: "carry the 1"}, "json"),
+        (FENCED_LATEX, 3, {1: r"Use \frac{a}{b} and \sqrt{2}", 2: r"\times then \neq", 3: "so {x}"}, "json"),
+        ('{"level_1": "x", "level_2": ""}', 2, {1: "x"}, "json"),  # a missing level is never applied
+        (
+            "Level 1: think of units\n**Level 2:** carry\nHint 3 - add\n\nHope it helps",
+            3,
+            {1: "think of units", 2: "carry", 3: "add"},
+            "text",
+        ),
+        ('{"level_1": "say "hi" now", "level_2": "b",}', 2, {1: 'say "hi" now', 2: "b"}, "text"),
+        ('{"level_1": "x"', 1, {1: "x"}, "text"),
+        ('{"level_2": "only two"}', 2, None, "none"),
+        ("no hints here", 1, None, "none"),
+    ],
+)
+def test_hint_reply_parsing(reply, levels, expected, how):
+    assert parse_hint_reply(reply, levels) == (expected, how)
+    assert parse_hint_json(reply, levels) == expected
+
+
+@pytest.mark.parametrize(
+    "answer, hint, leaked",
+    [
+        ("1", "count the 10 apples", False),
+        ("1", "look at x_1 first", False),
+        ("1", "compute 3-1 and 2^1", False),
+        ("1", "a 1.5 ratio", False),
+        ("1", "so the answer is 1.", True),
+        ("579", "it is 579.0", True),
+        ("579", "5790 is too big", False),
+        ("-3", "x = -3", True),
+        ("x^2+1", "you get x^2 + 1 here", True),
+        ("x^2+1", "not x^2+10", False),
+        ("\\frac{1}{2}", "half: \\frac{1}{2}", True),
+    ],
+)
+def test_leak_filter_matches_the_answer_as_a_standalone_value(answer, hint, leaked):
+    assert leaks_answer(answer, hint) is leaked
 
 
 def test_self_hint_retries_unparseable_replies_and_drops_leaks():
     ctx = ScriptedContext()
     good = json.dumps({"level_1": "think of place value", "level_2": "units first"})
-    leak = json.dumps({"level_1": "the answer is 579", "level_2": "579"})
-    # Attempt 1: a (garbage), b (leak), c (good); attempt 2: a (good). d has no reference: never asked.
-    ctx.replies = ["garbage", leak, good, good]
-    prompts = [_p("a", reference="r"), _p("b", reference="r"), _p("c", reference="r"), _p("d")]
-    out = SelfHint(attempts=3).hints(prompts, 2, ctx)
+    leak = json.dumps({"level_1": "the answer is 579", "level_2": "add"})
+    near = json.dumps({"level_1": "5790 is too big", "level_2": "x_579"})  # not a leak of 579
+    # Attempt 1: a (garbage), b (leak), c (good), e (near); attempt 2: a (good). d has no reference.
+    ctx.replies = ["garbage", leak, good, near, good]
+    prompts = [_p("a", reference="r"), _p("b", reference="r"), _p("c", reference="r"), _p("e", reference="r"), _p("d")]
+    prompts[0].question = "bare a"
+    src = SelfHint(attempts=3)
+    out = src.hints(prompts, 2, ctx)
     assert out[0] == out[2] == {1: "think of place value", 2: "units first"}
-    assert out[1] is None and out[3] is None
-    assert ctx.metrics["hint/generate_attempts"] == 4 and ctx.metrics["hint/generate_leaked"] == 1
+    assert out[3] == {1: "5790 is too big", 2: "x_579"} and out[1] is None and out[4] is None
+    assert src.stats["hint/generate_attempts"] == 5 and src.stats["hint/generate_leaked"] == 1
+    assert ctx.temperatures == [0.0, 1.0]  # greedy first, then sampled retries
     system, user = ctx.conversations[0]
-    assert system["role"] == "system" and '"level_2"' in system["content"] and "Solution:\nr" in user["content"]
+    assert system["content"] == HINT_SYSTEM and "tutoring assistant" in system["content"]
+    assert user["content"] == "Question: \nbare a\n\nSolution:\nr\n"  # the bare question, not the prompt text
+    assert ctx.conversations[1][1]["content"].startswith("Question: \nqb =")  # no question: the prompt text
+
+
+def test_self_hint_skips_a_request_that_cannot_fit_the_context():
+    ctx = ScriptedContext()
+    ctx.replies = [json.dumps({"level_1": "h"})]
+    src = SelfHint(max_new_tokens=8)
+    src.setup(context_limit=len(ctx.encode(HINT_SYSTEM + "\nQuestion: \nqa =\n\nSolution:\nr\n")) + 16 + 8)
+    out = src.hints([_p("a", reference="r"), _p("b", reference="r" * 50)], 1, ctx)
+    assert out == [{1: "h"}, None] and src.stats["hint/skipped_overflow"] == 1
 
 
 def test_sage_escalates_until_a_success_and_replaces_the_group():
@@ -83,6 +140,7 @@ def test_sage_escalates_until_a_success_and_replaces_the_group():
     assert groups[0].context_ids == ctx.context_of(prompts[0])
     m = ctx.metrics
     assert m["hint/prompts_needing_hint"] == 3 and m["hint/generate_success"] == 2 and m["hint/generate_failed"] == 1
+    assert "hint/truncated" not in m and "hint/skipped_overflow" not in m
     assert (m["hint/used_level_1"], m["hint/used_level_2"], m["hint/used_level_3"]) == (2, 2, 1)
     assert m["hint/prompts_with_hint"] == 2
     assert m["hint/acc_level_2_mean"] == pytest.approx(1 / 8) and m["hint/acc_no_hint_mean"] == pytest.approx(1 / 16)
