@@ -12,8 +12,13 @@ import pytest
 from components.cli import build_cli
 from components.errors import ConfigError
 from components.hints import HINT_SYSTEM, PrefixHint, SelfHint, leaks_answer, parse_hint_json, parse_hint_reply
+from components.rewards import Reward
+from components.samplers.ada_seq import ReinforceAdaSeq
+from components.samplers.base import FixedGroupSampler
+from components.samplers.dapo import DynamicSampling
 from components.samplers.sage import SAGESampler
-from components.types import Prompt
+from components.samplers.sage_light import SAGELight
+from components.types import Group, Prompt
 from tests.fakes import ScriptedContext, make_prompts
 from tests.test_recipes import SMALL, _metrics
 
@@ -174,3 +179,184 @@ def test_sage_recipe_runs_with_hints_in_training_only(tmp_path, monkeypatch):
     assert (
         dict(con.execute("select key, value from params"))["model/sampler/class_path"] == "components.samplers.sage.SAGESampler"
     )
+
+
+# ---- hinting composed with other samplers ------------------------------------------------------
+
+
+def test_sage_over_ada_seq_restarts_the_pool_in_the_hinted_context():
+    # p0 is mixed in round 1 (no hint). p1's round-1 probe fails: the level-1 re-draw REPLACES it
+    # inside the same draw, and round 2 draws from the same hinted context, so Ada-Seq's pool (and
+    # its p~) covers the hinted draws only and every kept rollout shares the group's context.
+    ctx = ScriptedContext(scripts={"p0": [1, 0], "p1": [0, 0] + [1, 1] + [0, 1]})
+    prompts = [_p("p0", reference="abcd"), _p("p1", reference="abcd")]
+    inner = ReinforceAdaSeq(n=2, round_size=2, max_rounds=3)
+    groups = SAGESampler(inner=inner, hints=PrefixHint(), template="{problem} {hint}").collect(prompts, ctx)
+    assert ctx.calls == [{"p0": 2, "p1": 2}, {"p1": 2}, {"p1": 2}]
+    assert ctx.encoded == ["qp1 = a"]  # one hinted context, reused by round 2
+    hinted = ctx.encode("qp1 = a")
+    g0, g1 = groups
+    assert "hint_level" not in g0.meta and g0.context_ids == ctx.context_of(prompts[0])
+    assert g1.meta["hint_level"] == 1 and g1.context_ids == hinted
+    assert (g1.n_drawn, g1.n_pos, g1.baseline) == (4, 3, 0.75)  # the plain probe is not in the pool
+    assert all(r.text == f"p1|{len(hinted)}" for r in g1.rollouts)  # sampled from the hinted context
+    assert ctx.metrics["hint/acc_no_hint_mean"] == pytest.approx(1 / 4) and ctx.metrics["hint/acc_level_1_mean"] == 1.0
+
+
+def test_sage_over_dapo_hints_collapsed_groups_before_the_spread_check_and_in_refills():
+    # p0 mixed (kept, no hint); p1 fails plain and at level 1, succeeds at level 2 (kept, hinted);
+    # p2 is all-correct (never hinted, dropped for zero spread); the refill's e0 is hinted at level 1.
+    extra = [_p("e0", reference="abcd")]
+    ctx = ScriptedContext(scripts={"p0": [1, 0], "p1": [0, 0, 0, 0, 0, 1], "p2": [1, 1], "e0": [0, 0, 1, 0]}, extra_prompts=extra)
+    prompts = [_p("p0", reference="abcd"), _p("p1", reference="abcd"), _p("p2", reference="abcd")]
+    inner = DynamicSampling(group_size=2, batch_size=3, gen_batch_size=1, max_rounds=2)
+    groups = SAGESampler(inner=inner, hints=PrefixHint(), template="{problem} {hint}").collect(prompts, ctx)
+    assert [g.prompt.uid for g in groups] == ["p0", "p1", "e0"]
+    assert ctx.calls == [{"p0": 2, "p1": 2, "p2": 2}, {"p1": 2}, {"p1": 2}, {"e0": 2}, {"e0": 2}]
+    assert [g.meta.get("hint_level") for g in groups] == [None, 2, 1]
+    assert groups[1].context_ids == ctx.encode("qp1 = ab") and groups[2].context_ids == ctx.encode("qe0 = a")
+    assert ctx.metrics["dapo/dropped_groups"] == 1 and ctx.metrics["hint/prompts_needing_hint"] == 2
+    assert ctx.metrics["hint/prompts_with_hint"] == 2 and ctx.metrics["hint/used_level_1"] == 2
+
+
+def test_a_hint_that_would_overflow_is_truncated_or_skipped_never_a_crash():
+    ref = "x" * 40
+    for overflow, expect in (("truncate", "truncated"), ("skip", "skipped_overflow")):
+        ctx = ScriptedContext(scripts={"p": [0, 0, 0, 0, 0, 0, 0, 0]})
+        s = SAGESampler(group_size=2, hints=PrefixHint(), template="{problem} {hint}", overflow=overflow)
+        s.transform.prompt_limit = len(ctx.encode("qp = ")) + 5  # room for a few hint characters only
+        [g] = s.collect([_p("p", reference=ref)], ctx)
+        assert ctx.metrics[f"hint/{expect}"] >= 1
+        assert len(g.context_ids) <= s.transform.prompt_limit
+        if overflow == "skip":  # every level skipped: the plain probe stays, nothing re-drawn
+            assert len(ctx.calls) == 1 and "hint_level" not in g.meta
+        else:
+            assert g.meta["hint_level"] == 3 and len(ctx.calls) == 4
+
+
+class _FailFirstDraw(Reward):
+    """Per prompt: the first scored draw fails; later draws alternate pass / fail."""
+
+    def __init__(self) -> None:
+        self.draws: dict[str, int] = {}
+
+    def score(self, prompt: Prompt, rollouts: list) -> None:
+        self.draws[prompt.uid] = self.draws.get(prompt.uid, 0) + 1
+        for j, r in enumerate(rollouts):
+            r.passed = self.draws[prompt.uid] > 1 and j % 2 == 0
+            r.reward = float(r.passed)
+
+
+@pytest.mark.parametrize(
+    "inner",
+    [lambda: ReinforceAdaSeq(n=2, round_size=2, max_rounds=2), lambda: DynamicSampling(group_size=2, max_rounds=1)],
+    ids=["ada_seq", "dapo"],
+)
+def test_the_loss_sees_the_hinted_context_and_evaluation_never_does(inner):
+    from components.module import PolicyModule, _SamplerView
+
+    sampler = SAGESampler(inner=inner(), hints=PrefixHint(use_answer=True), template="{problem} {hint}")
+    module = PolicyModule(sampler=sampler, reward=_FailFirstDraw(), export_dir=None)
+    prompts = [Prompt(uid=f"u{i}", task="t", text=f"12{i} + 456 =", answer=str(579 + i)) for i in range(2)]
+    seen: list[list[list[int]]] = []
+    generate = module.engine.generate
+    module.engine.generate = lambda c, n, p: (seen.append(c), generate(c, n, p))[1]
+
+    groups = module.sampler.collect(prompts, _SamplerView(module))
+    hinted = [module.encode_text(f"{p.text} {p.answer[0]}") for p in prompts]  # level 1: the answer's first digit
+    assert [g.context_ids for g in groups] == hinted and all(g.is_mixed for g in groups)
+    batch = module.build_batch(groups)
+    cw = batch.context_width
+    rows = [batch.input_ids[i, :cw][batch.attention_mask[i, :cw].bool()].tolist() for i in range(batch.size)]
+    assert rows == [hinted[int(gi)] for gi in batch.group]  # the loss's context is the hinted one
+
+    seen.clear()
+    module._eval_prompts(prompts)
+    assert seen == [[module.encode_text(p.text) for p in prompts]]  # evaluation: the bare prompt
+
+
+# ---- SAGE-LIGHT ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "rule, level, acc, expected",
+    [
+        ("code", 0, 0.1, 1),
+        ("code", 3, 0.0, 3),
+        ("code", 1, 0.2, 1),
+        ("code", 1, 0.35, 1),
+        ("code", 1, 0.5, 0),
+        ("code", 0, 0.9, 0),
+        ("paper", 0, 0.34, 1),
+        ("paper", 2, 0.2, 3),
+        ("paper", 3, 0.0, 3),
+        ("paper", 2, 0.35, 2),
+        ("paper", 2, 1.0, 2),  # raise-only: never lowered
+    ],
+)
+def test_sage_light_rules(rule, level, acc, expected):
+    t = SAGELight(rule=rule, hints=PrefixHint()).transform
+    assert t.next_level("new") == 0  # first visit: no hint
+    t.levels["u"], t.accs["u"] = level, acc
+    assert t.next_level("u") == expected
+
+
+def test_sage_light_keeps_a_level_per_prompt_across_visits_with_one_pass_and_falls_back():
+    good = json.dumps({"level_1": "units first", "level_2": "carry", "level_3": "add tens"})
+    ctx = ScriptedContext(scripts={"a": [0, 0, 0, 0] + [1, 0, 1, 0] + [0, 0, 0, 0] + [0, 0, 0, 0]})
+    s = SAGELight(group_size=4, rule="code", hints=SelfHint(attempts=1), template="{problem} {hint}")
+    p = _p("a", reference="r")
+
+    def step() -> Group:
+        ctx.calls.clear()
+        [g] = s.collect([p], ctx)
+        assert len(ctx.calls) == 1  # one rollout pass per step, no probe group
+        return g
+
+    g = step()  # visit 1: no hint, accuracy 0
+    assert "hint_level" not in g.meta and ctx.conversations == [] and ctx.metrics["hint/used_no_hint"] == 1
+    ctx.replies = [good]
+    g = step()  # visit 2: 0 <= 0.1 -> level 1; accuracy 0.5
+    assert g.meta["hint_level"] == 1 and g.context_ids == ctx.encode("qa = units first")
+    assert ctx.metrics["hint/acc_level_1_mean"] == 0.5 and ctx.metrics["hint/generate_success"] == 1
+    ctx.replies = []
+    g = step()  # visit 3: 0.5 > 0.35 -> level 0 (no hint written); accuracy 0
+    assert "hint_level" not in g.meta and len(ctx.conversations) == 1
+    ctx.replies = ["no json at all"]
+    state = s.state_dict()
+    s2 = SAGELight(group_size=4, rule="code", hints=SelfHint(attempts=1), template="{problem} {hint}")
+    s2.load_state_dict(state)  # per-prompt state survives a checkpoint
+    s = s2
+    g = step()  # visit 4: 0 -> level 1; the new hint fails to parse: the last good one is used
+    assert g.meta["hint_level"] == 1 and g.context_ids == ctx.encode("qa = units first")
+    assert ctx.metrics["hint/fallback_used"] == 1 and ctx.metrics["hint/generate_failed"] == 1
+    assert s.transform.levels == {"a": 1} and s.transform.accs == {"a": 0.0}
+
+
+def test_sage_light_under_ada_seq_draws_every_round_at_the_prompt_level():
+    ctx = ScriptedContext(scripts={"a": [0, 0] * 3 + [0, 0] + [1, 1]})
+    s = SAGELight(
+        inner=ReinforceAdaSeq(n=2, round_size=2, max_rounds=3), rule="paper", hints=PrefixHint(), template="{problem} {hint}"
+    )
+    p = _p("a", reference="abcd")
+    [g] = s.collect([p], ctx)  # visit 1: 3 rounds, no hint, accuracy 0
+    assert "hint_level" not in g.meta and g.n_drawn == 6
+    [g] = s.collect([p], ctx)  # visit 2: level 1 in both rounds it takes to finish
+    assert g.meta["hint_level"] == 1 and g.n_drawn == 4 and g.n_pos == 2 and ctx.encoded == ["qa = a"]
+    assert all(r.text == f"a|{len(ctx.encode('qa = a'))}" for r in g.rollouts)
+    assert s.transform.accs["a"] == 0.5 and s.transform.levels["a"] == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"rule": "both"}, "rule"),
+        ({"alpha": 0.0}, "alpha"),
+        ({"min_threshold": 0.5, "max_threshold": 0.2}, "min_threshold"),
+        ({"inner": FixedGroupSampler(4), "group_size": 4}, "group_size"),
+        ({"overflow": "crash"}, "overflow"),
+    ],
+)
+def test_bad_sage_light_settings_name_the_field(kwargs, field):
+    with pytest.raises(ConfigError, match=f"model.sampler.{field}"):
+        SAGELight(hints=PrefixHint(), **kwargs)
