@@ -223,7 +223,7 @@ class SAGESampler(TransformedSampler):
 
     Args:
         inner: the sampler whose draws are hinted (default: fixed ``group_size``, as the paper).
-        group_size: G of the default inner sampler (authors: 8); leave unset with ``inner``.
+        group_size: G of the default inner sampler (authors: 8); ignored when ``inner`` is given.
         max_level: L, the strongest hint level (authors: 3).
         hints: where hints come from (``components.hints.SelfHint`` or ``PrefixHint``).
         template: the hinted question; must contain ``{problem}`` and ``{hint}`` (authors' RL user
@@ -246,10 +246,10 @@ class SAGESampler(TransformedSampler):
 
 
 def _inner(inner: Sampler | None, group_size: int | None) -> Sampler:
-    """The sampler to hint: ``inner``, or a fixed group of ``group_size`` (default 8)."""
+    """The sampler to hint: ``inner``, or a fixed group of ``group_size`` (default 8). With ``inner``
+    given, ``group_size`` is ignored (LightningCLI carries a previous sampler's ``group_size`` over
+    when a config swaps the class, so it cannot be refused)."""
     if inner is not None:
-        if group_size is not None:
-            raise ConfigError("model.sampler.group_size", "leave unset when inner is given: the inner sampler sets the group")
         return inner
     g = 8 if group_size is None else group_size
     if g < 2:

@@ -163,7 +163,7 @@ class SAGELight(TransformedSampler):
 
     Args:
         inner: the sampler whose draws are hinted (default: fixed ``group_size``).
-        group_size: G of the default inner sampler (authors: 8); leave unset with ``inner``.
+        group_size: G of the default inner sampler (authors: 8); ignored when ``inner`` is given.
         rule: ``paper`` (eq. 12: raise-only when accuracy < ``alpha``) or ``code`` (the authors'
             code: raise at <= ``min_threshold``, lower above ``max_threshold``).
         alpha, min_threshold, max_threshold: the rules' thresholds (0.35; 0.1 and 0.35).
