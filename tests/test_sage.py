@@ -144,7 +144,7 @@ def test_sage_escalates_until_a_success_and_replaces_the_group():
     assert groups[0].context_ids == ctx.context_of(prompts[0])
     m = ctx.metrics
     assert m["hint/prompts_needing_hint"] == 3 and m["hint/generate_success"] == 2 and m["hint/generate_failed"] == 1
-    assert "hint/truncated" not in m and "hint/skipped_overflow" not in m
+    assert m["hint/truncated"] == m["hint/skipped_overflow"] == 0
     assert (m["hint/used_level_1"], m["hint/used_level_2"], m["hint/used_level_3"]) == (2, 2, 1)
     assert m["hint/prompts_with_hint"] == 2
     assert m["hint/acc_level_2_mean"] == pytest.approx(1 / 8) and m["hint/acc_no_hint_mean"] == pytest.approx(1 / 16)
@@ -154,6 +154,9 @@ def test_sage_with_every_group_resolved_draws_nothing_more():
     ctx = ScriptedContext(pass_rates={p.uid: 1.0 for p in make_prompts(3)})
     groups = SAGESampler(group_size=4, hints=PrefixHint(use_answer=True)).collect(make_prompts(3), ctx)
     assert len(ctx.calls) == 1 and all(g.size == 4 for g in groups) and ctx.metrics["hint/prompts_with_hint"] == 0
+    # Every count is logged each step, 0 when nothing happened (Lightning would repeat a stale value).
+    for key in ("generate_success", "generate_attempts", "parse_fallback_text", "used_level_3", "acc_level_3_mean"):
+        assert ctx.metrics[f"hint/{key}"] == 0
 
 
 @pytest.mark.parametrize(
@@ -321,6 +324,7 @@ def test_sage_light_keeps_a_level_per_prompt_across_visits_with_one_pass_and_fal
     ctx.replies = []
     g = step()  # visit 3: 0.5 > 0.35 -> level 0 (no hint written); accuracy 0
     assert "hint_level" not in g.meta and len(ctx.conversations) == 1
+    assert ctx.metrics["hint/generate_success"] == 0 and ctx.metrics["hint/acc_level_1_mean"] == 0
     ctx.replies = ["no json at all"]
     state = s.state_dict()
     s2 = SAGELight(group_size=4, rule="code", hints=SelfHint(attempts=1), template="{problem} {hint}")

@@ -40,7 +40,8 @@ Metrics (the authors' names, summed over the step): ``hint/prompts_needing_hint`
 ``hint/generate_attempts``, ``hint/generate_leaked``, ``hint/used_level_{l}``,
 ``hint/acc_no_hint_mean``, ``hint/acc_level_{l}_mean``, ``hint/prompts_with_hint``; ours:
 ``hint/parse_fallback_text``, ``hint/truncated``, ``hint/skipped_overflow``. Each group's level is
-in ``group.meta["hint_level"]`` (absent: no hint).
+in ``group.meta["hint_level"]`` (absent: no hint). Every metric is logged at every step, 0 when
+nothing happened (an accuracy mean over no draws is 0: read it with ``hint/used_level_{l}``).
 """
 
 from __future__ import annotations
@@ -102,8 +103,18 @@ class HintTransform(ContextTransform):
         self.source.setup(limit)
         self.prompt_limit = None if limit is None else limit - module.sampling.max_new_tokens
 
+    def logged_every_step(self) -> list[str]:
+        """Metric names logged at every step, 0 when nothing happened (Lightning re-logs the last
+        value of a key that a step leaves out, which would repeat a stale count)."""
+        names = ["requested", "success", "failed", "attempts", "leaked"]
+        return [f"hint/generate_{n}" for n in names] + [
+            "hint/parse_fallback_text",
+            "hint/truncated",
+            "hint/skipped_overflow",
+        ]
+
     def begin_step(self, ctx: SamplingContext | None) -> None:
-        self.m: Counter[str] = Counter()  # metrics summed over the step
+        self.m: Counter[str] = Counter(dict.fromkeys(self.logged_every_step(), 0))  # metrics summed over the step
         self.ids: dict[str, list[int]] = {}  # uid -> this step's context (absent: the bare prompt)
         self.level: dict[str, int] = {}  # uid -> this step's level (absent: 0)
         self.written: dict[str, dict[int, str] | None] = {}  # uid -> hints written this step
@@ -183,6 +194,16 @@ class HintTransform(ContextTransform):
 class SAGEHints(HintTransform):
     """SAGE's collapse-triggered schedule (see the module docstring): no hint on a prompt's first
     draw of the step; a probe with no success is re-drawn at levels 1..L until one succeeds."""
+
+    def logged_every_step(self) -> list[str]:
+        levels = range(1, self.max_level + 1)
+        accs = ["no_hint", *(f"level_{lv}" for lv in levels)]  # a mean over no draws is logged as 0
+        return [
+            *super().logged_every_step(),
+            "hint/prompts_needing_hint",
+            *(f"hint/used_level_{lv}" for lv in levels),
+            *(f"hint/acc_{a}_{x}" for a in accs for x in ("n", "pos")),
+        ]
 
     def begin_step(self, ctx: SamplingContext | None) -> None:
         super().begin_step(ctx)

@@ -79,6 +79,10 @@ class SAGELightHints(HintTransform):
         self.accs: dict[str, float] = {}  # uid -> accuracy on the last visit
         self.last_hints: dict[str, dict[int, str]] = {}  # uid -> last hints written for it
 
+    def logged_every_step(self) -> list[str]:
+        used = ["hint/used_no_hint", *(f"hint/used_level_{lv}" for lv in range(1, self.max_level + 1))]
+        return [*super().logged_every_step(), "hint/fallback_used", *used]
+
     def begin_step(self, ctx: SamplingContext | None) -> None:
         super().begin_step(ctx)
         self.visited: set[str] = set()
@@ -135,14 +139,13 @@ class SAGELightHints(HintTransform):
             name = "no_hint" if level == 0 else f"level_{level}"
             accs = by_level.get(level, [])
             self.m[f"hint/used_{name}"] += len(accs)
-            if accs:  # authors: the mean over prompts of each prompt's accuracy
-                ctx.log(f"hint/acc_{name}_mean", sum(accs) / len(accs))
+            # authors: the mean over prompts of each prompt's accuracy; 0 when no prompt was at that level
+            ctx.log(f"hint/acc_{name}_mean", sum(accs) / len(accs) if accs else 0.0)
         drawn = sum(len(a) for a in by_level.values())
         ctx.log("hint/level_mean", sum(lv * len(a) for lv, a in by_level.items()) / max(drawn, 1))
         lo, hi = (self.alpha, self.alpha) if self.rule == "paper" else (self.min_threshold, self.max_threshold)
         ctx.log("hint/accuracy_min_threshold", lo)
         ctx.log("hint/accuracy_max_threshold", hi)
-        self.m["hint/fallback_used"] += 0
         super().end_step(groups, ctx)
 
     def state_dict(self) -> dict[str, Any]:
