@@ -15,6 +15,7 @@ from components.hints import HINT_SYSTEM, PrefixHint, SelfHint, leaks_answer, pa
 from components.rewards import Reward
 from components.samplers.ada_seq import ReinforceAdaSeq
 from components.samplers.dapo import DynamicSampling
+from components.samplers.pods import PODSSampler
 from components.samplers.sage import SAGESampler
 from components.samplers.sage_light import SAGELight
 from components.types import Group, Prompt
@@ -363,3 +364,14 @@ def test_sage_light_under_ada_seq_draws_every_round_at_the_prompt_level():
 def test_bad_sage_light_settings_name_the_field(kwargs, field):
     with pytest.raises(ConfigError, match=f"model.sampler.{field}"):
         SAGELight(hints=PrefixHint(), **kwargs)
+
+
+def test_sage_over_pods_and_pods_refuses_a_hinted_down_sampler():
+    ctx = ScriptedContext(scripts={"p": [0, 0, 0, 0] + [1, 0, 1, 0]})
+    s = SAGESampler(inner=PODSSampler(n=4, m=2), hints=PrefixHint(), template="{problem} {hint}")
+    [g] = s.collect([_p("p", reference="abcd")], ctx)
+    assert ctx.calls == [{"p": 4}, {"p": 4}] and g.size == 2 and g.is_mixed and g.n_drawn == 4
+    assert g.context_ids == ctx.encode("qp = a") and g.meta["hint_level"] == 1
+    assert s.downsamples and not SAGESampler(hints=PrefixHint()).downsamples
+    with pytest.raises(ConfigError, match="model.sampler.inner"):
+        PODSSampler(inner=SAGELight(inner=ReinforceAdaSeq(), hints=PrefixHint()))
