@@ -195,12 +195,13 @@ def run_one(cmd: list[str], env_updates: dict[str, str], run_dir: Path) -> tuple
 
 
 def run_ablation(args: argparse.Namespace, client, exp_id: str, settings: str) -> int:
+    # Seed-major: an ablation stopped part-way has whole seeds of every recipe, comparable row by row.
     specs = [
         ab.RunSpec(r, ov, s, rg)
         for ov in args.overlay_sets
         for rg in args.regime_sets
-        for r in args.recipe_paths
         for s in args.seeds
+        for r in args.recipe_paths
     ]
     existing = ab.ablation_runs(client, [exp_id], args.ablation_id)
     try:

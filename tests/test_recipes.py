@@ -267,3 +267,22 @@ def test_all_zero_advantages_skip_the_update_and_still_count(tmp_path, monkeypat
     assert all(torch.equal(before[k], v) for k, v in cli.model.policy.state_dict().items())
     m = _metrics(tmp_path / "mlflow.db")
     assert m["budget/rollouts_nonzero_adv"] == [0.0, 0.0] and m["loss/policy"] == [0.0, 0.0]
+
+
+REPRO = sorted((ROOT / "configs" / "repro").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("repro", REPRO, ids=[p.stem for p in REPRO])
+def test_paper_scale_configs_compose_with_the_gpu_overlay(repro, capsys):
+    """configs/repro/<method>.yaml (the paper's model, batch, group size, mini-batch, lr, lengths, KL)
+    print on top of configs/gpu-1x.yaml; they are never run here (no GPU, no hub)."""
+    import yaml
+
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(ROOT / "configs" / "gpu-1x.yaml"), "--config", str(repro), "--print_config"])
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["model"]["model"].startswith("Qwen/") and cfg["model"]["model"] != "Qwen/Qwen2.5-0.5B-Instruct"
+    assert cfg["model"]["engine"]["class_path"].endswith("VLLMEngine")  # the overlay's engine is kept
+    assert cfg["model"]["optimizer"]["init_args"]["lr"] <= 5e-6
+    assert cfg["model"]["sampler"]["class_path"].startswith("components.samplers.")
+    assert cfg["data"]["batch_size"] >= 1 and cfg["model"]["num_minibatches"] >= 1
