@@ -361,6 +361,10 @@ class R3Reward(Reward):
             else:
                 self._rwd_model.load_state_dict(m.policy.state_dict())
             self._rwd_step = m.global_step
+        # The copy is not a registered submodule (Lightning does not move it): follow the policy.
+        p = next(self._rwd_model.parameters(), None)
+        if p is not None and p.device != torch.device(m.device):
+            self._rwd_model.to(m.device)
         return self._rwd_model
 
     def _verify(self, prompt: Prompt, rollouts: list[Rollout], splits: list[Split]) -> None:
