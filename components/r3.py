@@ -461,4 +461,4 @@ class R3Reward(Reward):
         # Lightning repeats the last value of a key a step leaves out).
         m.log_metric("dro/r3_verifier_groups", a.get("corr_n", 0.0))
         m.log_metric("dro/r3_verifier_corr", a["corr_sum"] / a["corr_n"] if a.get("corr_n") else math.nan)
-        m._add_metrics({"budget/tokens_forwarded": n_fwd, "dro/tokens_forwarded": n_fwd, "time/r3_s": seconds})
+        m.add_metrics({"budget/tokens_forwarded": n_fwd, "dro/tokens_forwarded": n_fwd, "time/r3_s": seconds})

@@ -168,7 +168,7 @@ class FakeModule:
     def log_metric(self, k, v):
         self.metrics[k] = float(v)
 
-    def _add_metrics(self, d):
+    def add_metrics(self, d):
         for k, v in d.items():
             self.metrics[k] = self.metrics.get(k, 0) + v
 

@@ -4,15 +4,15 @@ Both read the cross-rollout spread of the reference-token log-probs, s_j (see
 :mod:`components.r3`): a query whose reasonings all give the reference the same likelihood
 (max_j s_j small) has nothing to compare, so R3's advantages are noise for it.
 
-- :class:`PeriodicQueryFilter` is the paper's: once before training and every ``every_n_steps``
-  steps, with the current policy, sample ``traces`` reasonings per training query and
+- :class:`PeriodicQueryFilter` is the paper's: once at the start of training (before the first
+  update) and every ``every_n_steps`` steps, with the current policy, sample ``traces`` reasonings per training query and
   (1) drop queries that even their best trace cannot make likely: s_i = mean of the worst
   ``rho`` share of the reference tokens' ranks, and a query stays only if some trace has
   s_i < ``top_k`` (0 = the model's top-1 token);
   (2) of the survivors, drop the bottom ``drop_frac`` by max_j s_j;
   then carry forward ``carry_frac`` (the paper: 10%) of the previous round's set. The kept set is
   applied by zeroing the draw weights of the dropped prompts in the DataModule's pool.
-  ``every_n_steps: 0`` runs only the round before training: a one-time pre-filter of the data.
+  ``every_n_steps: 0`` runs only the first round: a one-time pre-filter of the data.
   The paper gives neither rho, k, the fraction nor the interval; ours are the defaults below.
 - :class:`OnlineVarianceFilter` is ours: no extra sampling; in the step a group is drawn, drop it
   when its max_j s_j (computed by R3 anyway) is below ``min_max_sigma``. It saves the update on
@@ -89,10 +89,10 @@ class OnlineVarianceFilter(SignalCallback):
 
 
 class PeriodicQueryFilter(SignalCallback):
-    """The paper's two-stage filter, run before training and every ``every_n_steps`` steps.
+    """The paper's two-stage filter, run at the first step (before any update) and every ``every_n_steps`` steps.
 
     Args:
-        every_n_steps: rounds after the first (0: only the round before training).
+        every_n_steps: rounds after the first (0: only the first round).
         traces: reasoning traces sampled per query (the paper: 16 or 32).
         rho: share of each trace's reference tokens, the worst-ranked, whose ranks are averaged.
         top_k: a query stays in stage 1 if some trace's averaged worst rank is below this.
@@ -152,6 +152,7 @@ class PeriodicQueryFilter(SignalCallback):
             outs = module.engine.generate([module.context_of(p) for p in part], [self.traces] * len(part), module.sampling)
             for p, rs in zip(part, outs):
                 n_gen += sum(len(r.token_ids) for r in rs)
+                n_fwd += self.traces * len(module.context_of(p)) + sum(len(r.token_ids) for r in rs)  # generation
                 splits = [split_at_marker(r.text, reward.marker_of(p)) for r in rs]
                 lp, ranks, _, fwd = reward.group_logprobs(p, splits, model=module.policy, ranks=True)
                 n_fwd += fwd
@@ -213,16 +214,19 @@ class PeriodicQueryFilter(SignalCallback):
     # ---- Lightning hooks ----------------------------------------------------------------------
     def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
         _r3_of(pl_module, "PeriodicQueryFilter")
-        if self.kept is None:
-            self.run_round(pl_module)
-        else:  # resumed: re-apply the restored set
+        if self.kept is not None:  # resumed: re-apply the restored set
             pool = trainer.datamodule.train_pool
             self._orig_weights = pool.weights.clone()
             self._apply(pool)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        # The first round runs at the first step, after the module's start-of-training hooks (the
+        # engine is started and the step-0 evaluation has run, so the filter's sampling does not
+        # shift it); that step's prompts were already drawn from the unfiltered pool.
         step = pl_module.global_step
-        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self.last_round_step:
+        first = self.kept is None
+        periodic = self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self.last_round_step
+        if first or periodic:
             self.run_round(pl_module)
 
     def on_groups(self, groups: list[Group], module: Any) -> list[Group]:
@@ -230,7 +234,7 @@ class PeriodicQueryFilter(SignalCallback):
         # here; every key is written every step (0 without a round: Lightning repeats the last
         # value of a key that a step does not log).
         pending, self._pending = self._pending, {}
-        module._add_metrics({k: pending.get(k, 0) for k in _ROUND_KEYS})
+        module.add_metrics({k: pending.get(k, 0) for k in _ROUND_KEYS})
         for k in ("tokens_generated", "tokens_forwarded", "s"):
             self.totals[k] = self.totals.get(k, 0.0) + pending.get(_TOTAL_OF[k], 0.0)
             module.log_metric(f"dro/filter_cum_{k}", self.totals[k])
