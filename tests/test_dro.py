@@ -395,9 +395,10 @@ def test_dro_recipe_trains_on_r3_alone_and_logs_dro_metrics(tmp_path, monkeypatc
 @pytest.mark.parametrize(
     "args, field",
     [
-        (["--data.tasks", '[{"name": "chain_sum", "config": {"min_terms": 2, "max_terms": 2}}]'], "reference_field"),
+        (["--data.tasks", '[{"name": "column_sum", "config": {"digits": 1, "format": "plain"}}]'], "reference_field"),
         (["--model.reward.marker", "→"], "model.reward.marker"),
-        (["--model.sampling.max_new_tokens", "60"], "model.reward.target"),
+        # prompt + 50 new tokens fit the 64 positions; + marker + reference answer do not
+        (["--model.sampling.max_new_tokens", "50"], "model.reward.target"),
     ],
 )
 def test_bad_dro_data_is_one_line(args, field, tmp_path, monkeypatch, capsys):
