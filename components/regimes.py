@@ -38,6 +38,9 @@ class Regime:
     name: str
     description: str
     warm_start: WarmStartSpec | None = None  # None: the overlay uses a shipped model
+    # A shipped build of ``warm_start`` (``embedded:<name>``) that the overlay names, so the regime
+    # needs no build step; ``build_regime(name, force=True)`` still rebuilds it into the cache.
+    shipped: str | None = None
 
     @property
     def config(self) -> Path:
@@ -66,6 +69,7 @@ def _regimes() -> dict[str, Regime]:
                 "reasoning",
                 "1/2/3-digit sums with worked column-wise steps before '#### answer'; warm start to d2 >= 0.25",
                 WarmStartSpec(reasoning_tasks(), dense_slices, "d2", 0.25, max_positions=128, eval_every=50, eval_items=200),
+                shipped="embedded:reasoning",  # components/assets/reasoning: this spec's build (3.4 MB)
             ),
         ]
     }
@@ -105,13 +109,15 @@ def build_regime(
 ) -> str:
     """Make sure regime ``name``'s model exists and return what to pass as ``model.model``.
 
-    A regime on a shipped model returns ``embedded:tiny`` at once. Otherwise the cached folder is
+    A regime on a shipped model returns ``embedded:tiny`` (or its own shipped build) at once. Otherwise the cached folder is
     returned when its ``regime.json`` matches the current spec; else (or with ``force``) the model is
     warm-started into it first (minutes on one core; see the README's Regimes table).
     """
     reg = get_regime(name)
     if reg.warm_start is None:
         return "embedded:tiny"
+    if reg.shipped and not force:
+        return reg.shipped
     folder = regime_model_dir(name, cache_root)
     if not force and cached_report(name, cache_root) is not None:
         return str(folder)

@@ -203,7 +203,9 @@ def test_every_regime_has_an_overlay_that_composes_with_a_recipe(capsys):
     assert {p.stem for p in (ROOT / "configs" / "regimes").glob("*.yaml")} == set(REGIMES)
     for name, reg in REGIMES.items():
         overlay = yaml.safe_load(reg.config.read_text())
-        if reg.warm_start is not None:  # the overlay loads the folder build_regime fills
+        if reg.shipped:  # the overlay loads the shipped build, which build_regime returns
+            assert overlay["model"]["model"] == reg.shipped == build_regime(name)
+        elif reg.warm_start is not None:  # the overlay loads the folder build_regime fills
             assert overlay["model"]["model"] == str(regime_model_dir(name))
         with pytest.raises(SystemExit):
             main(["fit", "--config", str(ROOT / "recipes" / "grpo.yaml"), "--config", str(reg.config), "--print_config"])
