@@ -20,7 +20,7 @@
   baseline), no rollout has an advantage; the step leaves the policy untouched
   (``train/degenerate_step`` = 1) instead of moving it by the KL or entropy term alone.
 - **warns when nothing trains**: after ``max_idle_steps`` consecutive steps with no rollout of
-  non-zero advantage, a warning goes to the log, the progress bar (``guard/idle_steps``) and the
+  non-zero advantage, a warning goes to the log, the progress bar (``guard/idle_warning``) and the
   MLflow run (tag ``warning``); with ``idle_error`` the run stops instead.
 - **stamps checkpoints** with the run's identity (model, sampler, reward, advantage, loss) and
   refuses to resume one written by a different set-up unless ``force_resume`` is set.
@@ -280,8 +280,11 @@ class RunGuard(SignalCallback):
         if nonzero is None:
             return
         self.idle_steps = self.idle_steps + 1 if float(nonzero) == 0 else 0
-        pl_module.log("guard/idle_steps", float(self.idle_steps), prog_bar=self.idle_steps > 0, on_step=True, batch_size=1)
+        pl_module.log("guard/idle_steps", float(self.idle_steps), on_step=True, batch_size=1)
         if self.idle_steps >= self.max_idle_steps:
+            # A key of its own (Lightning needs the same log arguments every time for one key),
+            # logged only while the run is idle past the limit: it shows up on the progress bar.
+            pl_module.log("guard/idle_warning", float(self.idle_steps), prog_bar=True, on_step=True, batch_size=1)
             msg = (
                 f"nothing has trained for {self.idle_steps} steps (no rollout with a non-zero advantage): every group is "
                 "all-pass or all-fail; check the data's difficulty, the reward and the sampling temperature"
