@@ -269,6 +269,7 @@ class RunGuard(SignalCallback):
         ):
             n = cum.get(key, 0.0)
             if scored and n / scored > limit:
+                self._flush_fault_metrics(trainer)
                 raise RunAborted(
                     f"reward: {int(n)} of {int(scored)} rollouts ({n / scored:.0%}) {what}, above "
                     f"guard.{'max_reward_error_share' if key == 'reward_errors' else 'max_reward_nan_share'}="
@@ -290,6 +291,7 @@ class RunGuard(SignalCallback):
                 "all-pass or all-fail; check the data's difficulty, the reward and the sampling temperature"
             )
             if self.idle_error:
+                self._flush_fault_metrics(trainer)
                 raise RunAborted(msg)
             if not self._warned_idle:
                 self._warned_idle = True
@@ -297,6 +299,15 @@ class RunGuard(SignalCallback):
                 logger = trainer.logger
                 if logger is not None and hasattr(logger, "run_id"):
                     logger.experiment.set_tag(logger.run_id, "warning", msg)
+
+    @staticmethod
+    def _flush_fault_metrics(trainer: L.Trainer) -> None:
+        """The aborting step's fault metrics, written now: Lightning would log them only after this
+        hook, which an abort skips. Lightning logs step k's metrics at index k - 1."""
+        keys = ("reward/", "guard/", "train/degenerate_step", "budget/rollouts")
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(keys)}
+        for lg in trainer.loggers:
+            lg.log_metrics(metrics, step=max(trainer.global_step - 1, 0))
 
     # ---- checkpointed state -------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
