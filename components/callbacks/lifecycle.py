@@ -113,6 +113,7 @@ class RunGuard(SignalCallback):
         self.idle_error = idle_error
         self.force_resume = force_resume
         self.idle_steps = 0
+        self.nonzero_seen = 0.0
         self.stop_signal: int | None = None
         self.checkpoint_path: Path | None = None  # where the stop checkpoint was written
         self._phase = "idle"  # idle | setup | step | update | between | validation
@@ -269,7 +270,6 @@ class RunGuard(SignalCallback):
         ):
             n = cum.get(key, 0.0)
             if scored and n / scored > limit:
-                self._flush_fault_metrics(trainer)
                 raise RunAborted(
                     f"reward: {int(n)} of {int(scored)} rollouts ({n / scored:.0%}) {what}, above "
                     f"guard.{'max_reward_error_share' if key == 'reward_errors' else 'max_reward_nan_share'}="
@@ -277,10 +277,10 @@ class RunGuard(SignalCallback):
                 )
         if not self.max_idle_steps:
             return
-        nonzero = trainer.callback_metrics.get("budget/rollouts_nonzero_adv")
-        if nonzero is None:
-            return
-        self.idle_steps = self.idle_steps + 1 if float(nonzero) == 0 else 0
+        # The module's cumulative count of rollouts that reached the loss with a non-zero advantage.
+        nonzero = float(cum.get("rollouts_nonzero_adv", 0.0))
+        self.idle_steps = self.idle_steps + 1 if nonzero == self.nonzero_seen else 0
+        self.nonzero_seen = nonzero
         pl_module.log("guard/idle_steps", float(self.idle_steps), on_step=True, batch_size=1)
         if self.idle_steps >= self.max_idle_steps:
             # A key of its own (Lightning needs the same log arguments every time for one key),
@@ -291,7 +291,6 @@ class RunGuard(SignalCallback):
                 "all-pass or all-fail; check the data's difficulty, the reward and the sampling temperature"
             )
             if self.idle_error:
-                self._flush_fault_metrics(trainer)
                 raise RunAborted(msg)
             if not self._warned_idle:
                 self._warned_idle = True
@@ -300,21 +299,13 @@ class RunGuard(SignalCallback):
                 if logger is not None and hasattr(logger, "run_id"):
                     logger.experiment.set_tag(logger.run_id, "warning", msg)
 
-    @staticmethod
-    def _flush_fault_metrics(trainer: L.Trainer) -> None:
-        """The aborting step's fault metrics, written now: Lightning would log them only after this
-        hook, which an abort skips. Lightning logs step k's metrics at index k - 1."""
-        keys = ("reward/", "guard/", "train/degenerate_step", "budget/rollouts")
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(keys)}
-        for lg in trainer.loggers:
-            lg.log_metrics(metrics, step=max(trainer.global_step - 1, 0))
-
     # ---- checkpointed state -------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"idle_steps": self.idle_steps}
+        return {"idle_steps": self.idle_steps, "nonzero_seen": self.nonzero_seen}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.idle_steps = int(state.get("idle_steps", 0))
+        self.nonzero_seen = float(state.get("nonzero_seen", 0.0))
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: Any, checkpoint: dict[str, Any]) -> None:
         checkpoint["curate_rl_identity"] = run_identity(pl_module)
