@@ -229,9 +229,18 @@ def preflight(trainer: Any, model: PolicyModule, dm: PromptDataModule, ckpt_path
     if isinstance(uri, str) and uri.startswith("sqlite:///"):
         _writable(Path(uri[len("sqlite:///") :]).parent, "trainer.logger.init_args.tracking_uri")
     _writable(trainer.default_root_dir, "trainer.default_root_dir")
-    dm.setup("fit")  # reads every data file: malformed records fail here
-    _check_budget(model, dm)
-    _check_prompt_lengths(model, dm)
+    # Read every data file now (malformed records fail here), without the prefilter, which needs
+    # the trainer. The pool is then dropped again so that the real set-up under the trainer builds
+    # it as before: the prefilter's pass, and each data-parallel rank's own stream seed.
+    prefilter = getattr(dm, "prefilter", None)
+    dm.prefilter = None
+    try:
+        dm.setup("fit")
+        _check_budget(model, dm)
+        _check_prompt_lengths(model, dm)
+    finally:
+        dm.prefilter = prefilter
+        dm.train_pool, dm.heldout = None, []
 
 
 def _check_budget(model: PolicyModule, dm: PromptDataModule) -> None:
