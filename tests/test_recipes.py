@@ -69,12 +69,16 @@ def test_recipe_smoke(recipe, tmp_path, monkeypatch):
     cli = build_cli(["fit", "--config", str(recipe), "--trainer.max_steps", "3", *SMALL])
     assert cli.trainer.global_step == 3
     after = cli.model.policy.state_dict()
-    assert any(not torch.equal(before[k], after[k]) for k in before), "parameters did not change"
     m = _metrics(tmp_path / "mlflow.db")
-    missing = [k for k in CORE_METRICS if k not in m]
+    # RunGuard leaves the policy untouched on a step whose every group is degenerate (e.g. the
+    # reasoning regime on the embedded model, which never solves it): only then may nothing change.
+    all_degenerate = m.get("train/degenerate_step") == [1.0, 1.0, 1.0]
+    assert all_degenerate or any(not torch.equal(before[k], after[k]) for k in before), "parameters did not change"
+    # (a run whose every step was skipped took no update, so it has no loss/ or policy/ metrics)
+    missing = [k for k in CORE_METRICS if k not in m and not (all_degenerate and k.startswith(("loss/", "policy/")))]
     assert not missing, f"metrics missing from the MLflow store: {missing}"
     for k in ("loss/policy", "reward/mean", "eval/pass_at_1", "signal/adv_energy", "budget/cum_tokens"):
-        assert all(math.isfinite(v) for v in m[k]), k
+        assert all(math.isfinite(v) for v in m.get(k, [])), k
     assert all(0 <= v <= 1 for v in m["eval/pass_at_1"] + m["gate/open_frac"])
     assert m["budget/cum_rollouts"][-1] >= m["budget/rollouts_in_loss"][-1] > 0 or m["gate/open_frac"][-1] == 0
     assert (tmp_path / "outputs" / "final_policy" / "model.safetensors").exists()
