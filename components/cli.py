@@ -178,7 +178,11 @@ def _check_checkpoint(ckpt_path: str, model: PolicyModule, trainer: Any) -> None
     if ckpt_path in ("last", "hpc", "registry", "best"):
         return
     p = Path(ckpt_path)
-    if not p.is_file():
+    if p.is_dir():  # a sharded (FSDP2) checkpoint: its non-tensor state is in meta.pt
+        p = p / "meta.pt"
+        if not p.is_file():
+            raise ConfigError("ckpt_path", f"{ckpt_path} is a folder but not a sharded checkpoint (no meta.pt)")
+    elif not p.is_file():
         raise ConfigError("ckpt_path", f"{ckpt_path} does not exist (valid: a .ckpt file, e.g. checkpoints/<run>/last.ckpt)")
     import torch
 
@@ -189,7 +193,7 @@ def _check_checkpoint(ckpt_path: str, model: PolicyModule, trainer: Any) -> None
             ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file: torch raises many types
         raise ConfigError("ckpt_path", f"{ckpt_path} is not a readable checkpoint ({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+    if not isinstance(ckpt, dict) or ("state_dict" not in ckpt and p.name != "meta.pt"):
         raise ConfigError("ckpt_path", f"{ckpt_path} is not a Lightning checkpoint (no state_dict)")
     guard = next((c for c in trainer.callbacks if isinstance(c, RunGuard)), None)
     diff = identity_difference(ckpt.get("curate_rl_identity"), run_identity(model))
@@ -206,7 +210,11 @@ def preflight(trainer: Any, model: PolicyModule, dm: PromptDataModule, ckpt_path
             "must be > 0 for training rollouts (greedy rollouts of a prompt are identical, so no group has a "
             "learning signal); greedy decoding stays available for model.eval.temperature and hint writing",
         )
-    for group in model.configure_optimizers().param_groups:
+    try:
+        groups = model.configure_optimizers().param_groups
+    except ValueError as e:  # torch's own checks, e.g. "Invalid learning rate: -0.0001"
+        raise ConfigError("model.optimizer.init_args", f"{e} (the learning rate must be > 0)") from None
+    for group in groups:
         lr = group.get("lr")
         if isinstance(lr, (int, float)) and not lr > 0:
             raise ConfigError("model.optimizer.init_args.lr", f"must be > 0, got {lr}")
@@ -221,9 +229,18 @@ def preflight(trainer: Any, model: PolicyModule, dm: PromptDataModule, ckpt_path
     if isinstance(uri, str) and uri.startswith("sqlite:///"):
         _writable(Path(uri[len("sqlite:///") :]).parent, "trainer.logger.init_args.tracking_uri")
     _writable(trainer.default_root_dir, "trainer.default_root_dir")
-    dm.setup("fit")  # reads every data file: malformed records fail here
-    _check_budget(model, dm)
-    _check_prompt_lengths(model, dm)
+    # Read every data file now (malformed records fail here), without the prefilter, which needs
+    # the trainer. The pool is then dropped again so that the real set-up under the trainer builds
+    # it as before: the prefilter's pass, and each data-parallel rank's own stream seed.
+    prefilter = getattr(dm, "prefilter", None)
+    dm.prefilter = None
+    try:
+        dm.setup("fit")
+        _check_budget(model, dm)
+        _check_prompt_lengths(model, dm)
+    finally:
+        dm.prefilter = prefilter
+        dm.train_pool, dm.heldout = None, []
 
 
 def _check_budget(model: PolicyModule, dm: PromptDataModule) -> None:

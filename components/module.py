@@ -519,7 +519,7 @@ class PolicyModule(L.LightningModule):
         k = self.eval_cfg.samples
         outs = self.engine.generate([self.context_of(p) for p in prompts], [k] * len(prompts), params)
         for p, rs in zip(prompts, outs):
-            self.reward.score(p, rs)  # bare prompt, never a hint
+            score_guarded(self.reward, p, rs)  # bare prompt, never a hint; a faulty reward scores a fail
             c = sum(r.passed for r in rs)
             self._eval_pass.update(torch.tensor(c / k), weight=1)
             self._eval_passk.update(torch.tensor(_pass_at_k(k, c, k)), weight=1)

@@ -69,12 +69,16 @@ def test_recipe_smoke(recipe, tmp_path, monkeypatch):
     cli = build_cli(["fit", "--config", str(recipe), "--trainer.max_steps", "3", *SMALL])
     assert cli.trainer.global_step == 3
     after = cli.model.policy.state_dict()
-    assert any(not torch.equal(before[k], after[k]) for k in before), "parameters did not change"
     m = _metrics(tmp_path / "mlflow.db")
-    missing = [k for k in CORE_METRICS if k not in m]
+    # RunGuard leaves the policy untouched on a step whose every group is degenerate (e.g. the
+    # reasoning regime on the embedded model, which never solves it): only then may nothing change.
+    all_degenerate = m.get("train/degenerate_step") == [1.0, 1.0, 1.0]
+    assert all_degenerate or any(not torch.equal(before[k], after[k]) for k in before), "parameters did not change"
+    # (a run whose every step was skipped took no update, so it has no loss/ or policy/ metrics)
+    missing = [k for k in CORE_METRICS if k not in m and not (all_degenerate and k.startswith(("loss/", "policy/")))]
     assert not missing, f"metrics missing from the MLflow store: {missing}"
     for k in ("loss/policy", "reward/mean", "eval/pass_at_1", "signal/adv_energy", "budget/cum_tokens"):
-        assert all(math.isfinite(v) for v in m[k]), k
+        assert all(math.isfinite(v) for v in m.get(k, [])), k
     assert all(0 <= v <= 1 for v in m["eval/pass_at_1"] + m["gate/open_frac"])
     assert m["budget/cum_rollouts"][-1] >= m["budget/rollouts_in_loss"][-1] > 0 or m["gate/open_frac"][-1] == 0
     assert (tmp_path / "outputs" / "final_policy" / "model.safetensors").exists()
@@ -149,8 +153,7 @@ def test_resume_continues_at_the_right_step(tmp_path, monkeypatch):
     first = build_cli([*args, "--trainer.max_steps", "2"])
     per_step = first.model.cumulative["rollouts"] / 2
     hist_total = sum(n for n, _ in first.model.prompt_history.values())
-    ckpt = tmp_path / "checkpoints" / "last.ckpt"
-    assert ckpt.exists()
+    (ckpt,) = (tmp_path / "checkpoints").glob("*/last.ckpt")  # one folder per run
     second = build_cli([*args, "--trainer.max_steps", "4", "--ckpt_path", str(ckpt)])
     assert second.trainer.global_step == 4
     # cumulative budget and per-prompt history were restored, then grew by exactly two steps
@@ -248,7 +251,8 @@ def test_skipping_zero_advantage_rows_gives_the_same_update(tmp_path, monkeypatc
 
 
 def test_all_zero_advantages_skip_the_update_and_still_count(tmp_path, monkeypatch):
-    # Greedy sampling: every rollout of a prompt is the same, so every advantage is zero.
+    # Effectively greedy sampling (temperature 0 is refused for training rollouts; a tiny top_p
+    # keeps only the most likely token): every rollout of a prompt is the same, every advantage zero.
     monkeypatch.chdir(tmp_path)
     before = {k: v.clone() for k, v in load_policy("embedded:tiny")[0].state_dict().items()}
     cli = build_cli(
@@ -259,14 +263,15 @@ def test_all_zero_advantages_skip_the_update_and_still_count(tmp_path, monkeypat
             *SMALL,
             "--trainer.max_steps",
             "2",
-            "--model.sampling.temperature",
-            "0",
+            "--model.sampling.top_p",
+            "1e-9",
         ]
     )
     assert cli.trainer.global_step == 2
     assert all(torch.equal(before[k], v) for k, v in cli.model.policy.state_dict().items())
     m = _metrics(tmp_path / "mlflow.db")
-    assert m["budget/rollouts_nonzero_adv"] == [0.0, 0.0] and m["loss/policy"] == [0.0, 0.0]
+    # every group degenerate: RunGuard skips the step's update and says so
+    assert m["budget/rollouts_nonzero_adv"] == [0.0, 0.0] and m["train/degenerate_step"] == [1.0, 1.0]
 
 
 REPRO = sorted((ROOT / "configs" / "repro").glob("*.yaml"))

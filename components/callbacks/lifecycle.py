@@ -20,7 +20,7 @@
   baseline), no rollout has an advantage; the step leaves the policy untouched
   (``train/degenerate_step`` = 1) instead of moving it by the KL or entropy term alone.
 - **warns when nothing trains**: after ``max_idle_steps`` consecutive steps with no rollout of
-  non-zero advantage, a warning goes to the log, the progress bar (``guard/idle_steps``) and the
+  non-zero advantage, a warning goes to the log, the progress bar (``guard/idle_warning``) and the
   MLflow run (tag ``warning``); with ``idle_error`` the run stops instead.
 - **stamps checkpoints** with the run's identity (model, sampler, reward, advantage, loss) and
   refuses to resume one written by a different set-up unless ``force_resume`` is set.
@@ -113,6 +113,7 @@ class RunGuard(SignalCallback):
         self.idle_error = idle_error
         self.force_resume = force_resume
         self.idle_steps = 0
+        self.nonzero_seen = 0.0
         self.stop_signal: int | None = None
         self.checkpoint_path: Path | None = None  # where the stop checkpoint was written
         self._phase = "idle"  # idle | setup | step | update | between | validation
@@ -276,12 +277,15 @@ class RunGuard(SignalCallback):
                 )
         if not self.max_idle_steps:
             return
-        nonzero = trainer.callback_metrics.get("budget/rollouts_nonzero_adv")
-        if nonzero is None:
-            return
-        self.idle_steps = self.idle_steps + 1 if float(nonzero) == 0 else 0
-        pl_module.log("guard/idle_steps", float(self.idle_steps), prog_bar=self.idle_steps > 0, on_step=True, batch_size=1)
+        # The module's cumulative count of rollouts that reached the loss with a non-zero advantage.
+        nonzero = float(cum.get("rollouts_nonzero_adv", 0.0))
+        self.idle_steps = self.idle_steps + 1 if nonzero == self.nonzero_seen else 0
+        self.nonzero_seen = nonzero
+        pl_module.log("guard/idle_steps", float(self.idle_steps), on_step=True, batch_size=1)
         if self.idle_steps >= self.max_idle_steps:
+            # A key of its own (Lightning needs the same log arguments every time for one key),
+            # logged only while the run is idle past the limit: it shows up on the progress bar.
+            pl_module.log("guard/idle_warning", float(self.idle_steps), prog_bar=True, on_step=True, batch_size=1)
             msg = (
                 f"nothing has trained for {self.idle_steps} steps (no rollout with a non-zero advantage): every group is "
                 "all-pass or all-fail; check the data's difficulty, the reward and the sampling temperature"
@@ -297,10 +301,11 @@ class RunGuard(SignalCallback):
 
     # ---- checkpointed state -------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"idle_steps": self.idle_steps}
+        return {"idle_steps": self.idle_steps, "nonzero_seen": self.nonzero_seen}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.idle_steps = int(state.get("idle_steps", 0))
+        self.nonzero_seen = float(state.get("nonzero_seen", 0.0))
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: Any, checkpoint: dict[str, Any]) -> None:
         checkpoint["curate_rl_identity"] = run_identity(pl_module)
