@@ -39,8 +39,8 @@ def test_fsdp2_two_process_fit_and_resume(tmp_path):
     ]
     run = subprocess.run([*base, "--trainer.max_steps", "2"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    ckpt = tmp_path / "checkpoints" / "last.ckpt"
-    assert ckpt.exists()  # a sharded checkpoint (a folder) under FSDP2
+    ckpt = next((tmp_path / "checkpoints").rglob("last.ckpt"), None)  # checkpoints/<run>/last.ckpt
+    assert ckpt is not None and ckpt.exists()  # a sharded checkpoint (a folder) under FSDP2
     exported = tmp_path / "outputs" / "final_policy" / "model.safetensors"
     assert exported.exists()
     again = subprocess.run(
