@@ -171,7 +171,8 @@ def forward_logprobs(
     r1 = max(int(att[:, cw:].sum(-1).max()), 1)  # widest response among the rows
     ids, att = batch.input_ids[rows][:, c0 : cw + r1], att[:, c0 : cw + r1]
     c = cw - c0
-    if shared_prompt:
+    # Gradient checkpointing turns the KV cache off in training: forward whole rows then.
+    if shared_prompt and not getattr(model, "is_gradient_checkpointing", False):
         logits, n_tok = shared_prompt_logits(model, ids, att, c, batch.group[rows])
     else:
         pos = (att.cumsum(-1) - 1).clamp(min=0)
@@ -260,8 +261,9 @@ class Updater:
 
     Each mini-batch is one optimizer update; its aggregate's denominators (tokens, or sequences)
     are those of the whole mini-batch, and every micro-batch contributes its share, so the
-    accumulated gradient equals one forward/backward over the mini-batch. Old log-probs are
-    recorded once per generation batch, before the first update, when there is more than one.
+    accumulated gradient equals one forward/backward over the mini-batch. With more than one update
+    per batch, old log-probs are recorded once per generation batch before the policy moves: the
+    first update's rows from that update's own forward, every other row by one no-grad pass.
 
     Rows whose advantage is zero on every token have exactly zero policy-loss gradient, so when
     there is no KL or entropy term (which would give them one) they are left out of the
@@ -305,24 +307,33 @@ class Updater:
         skip = self.skip_zero_advantage and lc.kl_coef == 0 and lc.entropy_coef == 0
         runs = (batch.advantages != 0).any(-1).cpu() if skip else torch.ones(n, dtype=torch.bool)
         gap = _GapStats()
+        minibatches = minibatch_schedule(n, self.ppo_epochs, self.num_minibatches)
+        fill_old = None
         if self.reuses_batch:
-            batch.old_logprobs = module.token_logprobs(batch)[0]
-            gap.add(batch.old_logprobs, batch.sampling_logprobs, batch.response_mask)
+            # The first update forwards its rows before the policy has moved: their log-probs there
+            # are the old ones, recorded as they pass. Only the other rows need a no-grad pass.
+            fill_old = torch.zeros(n, dtype=torch.bool)
+            fill_old[minibatches[0][runs[minibatches[0]]]] = True
+            batch.old_logprobs = torch.zeros_like(batch.response_mask)
+            rest = (~fill_old).nonzero().squeeze(-1)
+            if len(rest):
+                batch.old_logprobs[rest] = module.token_logprobs(batch, rest)[0]
+                gap.add(batch.old_logprobs[rest], batch.sampling_logprobs[rest], batch.response_mask[rest])
         if module.ref_policy is not None:
             batch.ref_logprobs = module.token_logprobs(batch, model=module.ref_policy)[0]
         mask = batch.response_mask
         norm_len = lc.norm_len or module.sampling.max_new_tokens
         stats: dict[str, list[float]] = defaultdict(list)
-        minibatches = minibatch_schedule(n, self.ppo_epochs, self.num_minibatches)
         for update, mb in enumerate(minibatches, start=1):
             tok_den = mask[mb].sum().clamp(min=1)  # the aggregate's denominators: the whole mini-batch
             seq_den = (mask[mb].sum(-1) > 0).sum().clamp(min=1)
             opt.zero_grad(set_to_none=True)
             to_run = mb[runs[mb]]
             for rows in to_run.split(self.micro_batch_rows) if len(to_run) else ():  # split() of nothing gives one empty chunk
-                loss = self.micro_loss(module, batch, rows, tok_den, seq_den, norm_len, stats, gap, callbacks)
+                loss = self.micro_loss(module, batch, rows, tok_den, seq_den, norm_len, stats, gap, callbacks, fill_old)
                 module.manual_backward(loss)
             module.optimizer_update(opt, last=update == len(minibatches))
+            fill_old = None  # recorded by the first update's forwards
         if not stats:  # no row had a non-zero advantage: the loss was exactly 0
             stats = {"loss/policy": [0.0], "loss/kl": [0.0], "policy/clip_frac": [0.0]}
         out = {k: sum(v) / len(v) for k, v in stats.items()}
@@ -341,18 +352,24 @@ class Updater:
         stats: dict[str, list[float]],
         gap: _GapStats | None = None,
         callbacks: list[Any] = (),
+        fill_old: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """This micro-batch's share of its mini-batch's loss (backward of the sum of shares is exact)."""
+        """This micro-batch's share of its mini-batch's loss (backward of the sum of shares is exact).
+
+        ``fill_old`` marks rows whose old log-probs are recorded from this forward (the policy has
+        not moved yet); with one update per batch there are no stored old log-probs at all."""
         lc = self.loss_cfg
         logp, entropy = module._forward_logprobs(module.policy, batch, rows)
         mask = batch.response_mask[rows]
         adv = batch.advantages[rows]
-        if batch.old_logprobs is not None:
-            old = batch.old_logprobs[rows]
-        else:  # one update per batch: the policy has not moved yet, so its log-probs are the old ones
-            old = logp.detach()
+        if batch.old_logprobs is None or (fill_old is not None and bool(fill_old[rows].all())):
+            old = logp.detach()  # before the batch's first update: these are the old log-probs
+            if batch.old_logprobs is not None:
+                batch.old_logprobs[rows] = old
             if gap is not None:
                 gap.add(old, batch.sampling_logprobs[rows], mask)
+        else:
+            old = batch.old_logprobs[rows]
         for cb in callbacks:  # per-micro-batch reshaping with the real ratio (DynaMO's authors' form)
             adv = cb.on_micro_batch(logp.detach(), old, entropy.detach(), adv, mask, module)
         pg, info = self.policy_loss(logp, old, adv, mask, clip_low=lc.clip_low, clip_high=lc.clip_high, dual_clip=lc.dual_clip)

@@ -8,6 +8,8 @@ optimizer updates (TRL: ``steps_per_generation``). A "step" is one generation ba
 (TRL: ``steps_per_generation`` optimizer steps). Runs alternate between the sides in blocks
 (``--rounds`` x ``--steps`` steps each, the first ``--warmup`` steps of a block untimed) so
 that load from other processes hits both alike; the script prints per-phase medians and the ratio.
+TRL runs in fp32 without gradient checkpointing (its GRPOConfig defaults to bf16 and checkpointing),
+like our side.
 
     pip install -e ".[bench]"      # TRL 1.16.0 (an optional benchmark dependency)
     python scripts/bench_vs_trl.py --new-tokens 8
@@ -121,6 +123,7 @@ def run_ours(args: argparse.Namespace, phases: Phases, n_steps: int, seed: int) 
 
 
 def run_trl(args: argparse.Namespace, phases: Phases, n_steps: int, seed: int, tmp: str) -> None:
+    import pyarrow as pa
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -151,6 +154,10 @@ def run_trl(args: argparse.Namespace, phases: Phases, n_steps: int, seed: int, t
     cfg = GRPOConfig(
         output_dir=tmp,
         use_cpu=True,
+        # TRL's GRPOConfig defaults to gradient checkpointing and bf16; ours runs neither (fp32, no
+        # recomputation), so both are switched off for a like-for-like step.
+        gradient_checkpointing=False,
+        bf16=False,
         seed=seed,
         max_steps=n_steps * s,
         per_device_train_batch_size=128 // s,
@@ -179,9 +186,9 @@ def run_trl(args: argparse.Namespace, phases: Phases, n_steps: int, seed: int, t
         dataloader_num_workers=0,
         log_completions=False,
     )
-    trainer = GRPOTrainer(
-        model=model, reward_funcs=[verifier], args=cfg, train_dataset=Dataset.from_list(rows), processing_class=tok
-    )
+    # An explicit fingerprint: datasets' own hashing of the table's schema fails with some pyarrow builds.
+    ds = Dataset(pa.Table.from_pylist(rows), fingerprint=f"bench-{seed}")
+    trainer = GRPOTrainer(model=model, reward_funcs=[verifier], args=cfg, train_dataset=ds, processing_class=tok)
 
     class Clock(TrainerCallback):
         def on_train_begin(self, a, state, control, optimizer=None, **kw):
