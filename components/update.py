@@ -304,7 +304,10 @@ class Updater:
         lc = self.loss_cfg
         opt = module.optimizers()
         n = batch.size
-        skip = self.skip_zero_advantage and lc.kl_coef == 0 and lc.entropy_coef == 0
+        # Under FSDP every rank must run the same number of forwards (each all-gathers the shards),
+        # and which rows have a zero advantage differs by rank: the skip is single-device only.
+        sharded = module._trainer is not None and module.trainer.world_size > 1
+        skip = self.skip_zero_advantage and lc.kl_coef == 0 and lc.entropy_coef == 0 and not sharded
         runs = (batch.advantages != 0).any(-1).cpu() if skip else torch.ones(n, dtype=torch.bool)
         gap = _GapStats()
         minibatches = minibatch_schedule(n, self.ppo_epochs, self.num_minibatches)

@@ -256,7 +256,9 @@ class RunGuard(SignalCallback):
     def on_groups(self, groups: list[Group], module: Any) -> list[Group]:
         degenerate = bool(groups) and all(g.baseline is None and not g.is_mixed for g in groups)
         module.log_metric("train/degenerate_step", float(degenerate))
-        if degenerate and self.skip_degenerate_steps:
+        # Single device only: under FSDP a rank that skipped its update would leave the others
+        # waiting in their forward's all-gather (the skip would have to be agreed by all ranks).
+        if degenerate and self.skip_degenerate_steps and getattr(module.trainer, "world_size", 1) <= 1:
             return []
         return groups
 
