@@ -397,8 +397,8 @@ def test_dro_recipe_trains_on_r3_alone_and_logs_dro_metrics(tmp_path, monkeypatc
     [
         (["--data.tasks", '[{"name": "column_sum", "config": {"digits": 1, "format": "plain"}}]'], "reference_field"),
         (["--model.reward.marker", "→"], "model.reward.marker"),
-        # prompt + 50 new tokens fit the 64 positions; + marker + reference answer do not
-        (["--model.sampling.max_new_tokens", "50"], "model.reward.target"),
+        # on the 64-position tiny model, prompt + 50 new tokens fit; + marker + reference answer do not
+        (["--model.model", "embedded:tiny", "--model.sampling.max_new_tokens", "50"], "model.reward.target"),
     ],
 )
 def test_bad_dro_data_is_one_line(args, field, tmp_path, monkeypatch, capsys):
