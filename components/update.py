@@ -306,7 +306,8 @@ class Updater:
         n = batch.size
         # Under FSDP every rank must run the same number of forwards (each all-gathers the shards),
         # and which rows have a zero advantage differs by rank: the skip is single-device only.
-        sharded = module._trainer is not None and module.trainer.world_size > 1
+        trainer = getattr(module, "_trainer", None)
+        sharded = trainer is not None and trainer.world_size > 1
         skip = self.skip_zero_advantage and lc.kl_coef == 0 and lc.entropy_coef == 0 and not sharded
         runs = (batch.advantages != 0).any(-1).cpu() if skip else torch.ones(n, dtype=torch.bool)
         gap = _GapStats()
