@@ -1066,6 +1066,29 @@ def plot(
     return path
 
 
+def health_series(
+    client: Any, results: Sequence[RunResult], metrics: Sequence[str]
+) -> dict[str, dict[str, list[tuple[float, float]]]]:
+    """Each recipe's per-step metrics (``health/*``, pass@1) as the mean over its seeds at every step
+    all of its seeds logged: ``{row label: {metric: [(step, mean), ...]}}``, the input of
+    :func:`components.signal_health.plot_signal_health`."""
+    by_group: dict[tuple[str, str], list[RunResult]] = defaultdict(list)
+    for r in results:
+        by_group[r.group].append(r)
+    out: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for (variant, recipe), runs in sorted(by_group.items()):
+        label = "+".join(x for x in (variant, recipe) if x)
+        series: dict[str, list[tuple[float, float]]] = {}
+        for metric in metrics:
+            per_run = [{s: v for s, _, v in history(client, r.run_id, metric)} for r in runs]
+            if not all(per_run):
+                continue
+            common = sorted(set.intersection(*(set(h) for h in per_run)))
+            series[metric] = [(float(s), float(np.mean([h[s] for h in per_run]))) for s in common]
+        out[label] = series
+    return out
+
+
 def log_summary(client: Any, experiment_id: str, ablation_id: str | None, files: Sequence[Path], params: dict[str, str]) -> str:
     """A summary run (tags ``ablation_id``, ``kind=summary``) holding the table and the plot."""
     tags = {"kind": "summary", "mlflow.runName": f"summary-{ablation_id or 'experiment'}"}

@@ -296,14 +296,21 @@ def report(args: argparse.Namespace, client, exp_id: str) -> None:
     (out / "table.md").write_text(md)
     (out / "table.csv").write_text(ab.to_csv(rows))
     ab.plot(results, rows, budget, out / "curves.png", title=name, band=args.band)
+    files = [out / "table.md", out / "table.csv", out / "curves.png"]
+    # Signal health beside pass@1 (issue #11): collapse shows here before it shows in pass@1.
+    from components.signal_health import PLOT_METRICS, plot_signal_health
+
+    series = ab.health_series(client, results, PLOT_METRICS)
+    if any(m.startswith("health/") for s in series.values() for m in s):
+        files.append(plot_signal_health(series, out / "health.png", title=f"{name}: signal health (mean over seeds)"))
     print(md)
-    print(f"report files: {out}/table.md, table.csv, curves.png")
+    print(f"report files: {out}/" + ", ".join(f.name for f in files))
     if not args.no_summary_run:
         rid = ab.log_summary(
             client,
             exp_id,
             args.ablation_id,
-            [out / "table.md", out / "table.csv", out / "curves.png"],
+            files,
             {"budget": str(budget), "baseline": args.baseline, "target": args.target, "slice": args.slice, "runs": len(results)},
         )
         print(f"summary MLflow run: {rid} (experiment {args.experiment})")

@@ -149,7 +149,18 @@ def test_table_equals_numbers_recomputed_from_metric_histories(ablation):
     summaries = [r for r in ab.search_all(client, [ablation.exp_id], "tags.kind = 'summary'")]
     assert summaries and summaries[0].data.tags["ablation_id"] == "t1"
     names = {a.path for a in client.list_artifacts(summaries[0].info.run_id)}
-    assert {"table.md", "table.csv", "curves.png"} <= names
+    assert {"table.md", "table.csv", "curves.png", "health.png"} <= names
+    # The health plot's input: per-step means over the seeds, recomputed from the histories.
+    results = ab.load_results(client, runs)
+    series = ab.health_series(client, results, ["health/distinct_completion_frac"])
+    for name in ("grpo", "dr_grpo"):
+        pts = series[name]["health/distinct_completion_frac"]
+        rids = [r.info.run_id for r in runs if r.data.tags["ablation_recipe"] == name]
+        hs = [{m.step: m.value for m in _hist(client, rid, "health/distinct_completion_frac")} for rid in rids]
+        assert pts and len(pts) == len(set(hs[0]) & set(hs[1]))
+        step, value = pts[-1]
+        assert value == pytest.approx(np.mean([h[int(step)] for h in hs]), abs=1e-12)
+        assert all(0.0 < v <= 1.0 for _, v in pts)
 
 
 def test_rerun_skips_finished_runs_and_report_only_prints_the_same_table(ablation):
