@@ -1,0 +1,103 @@
+"""Print the claims table: each method against its matched control, on the axis its paper claims,
+with the verdict of `components.claims` (its docstring states the rule).
+
+Reads the reports `scripts/ablate.py` wrote (`<out>/<ablation id>/report/table.csv`), so it costs
+nothing to re-run:
+
+    python scripts/claims.py fair-dense-s40 fair-filtered_ada-s40 fair-reasoning-s40
+
+A regime is the ablation's variant (its `--regime`); runs with no regime are `dense`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from components.claims import AXES, CLAIMS, resolved_gap, verdict  # noqa: E402
+
+FINAL = "eval/pass_at_1:final"
+AXIS_NAMES = {"tokens": "drawn tokens", "steps": "steps", "train_s": "train s"}
+
+
+def _f(x: str) -> float:
+    return float(x) if x not in ("", None) else math.nan
+
+
+def _ratio(row: dict[str, str], axis: str) -> float | None:
+    v = _f(row.get(f"{axis}_to_control_target_ratio", ""))
+    return None if math.isnan(v) else v
+
+
+def _cell_ratio(r: float | None) -> str:
+    return "never" if r is None else f"{r:.2f}×"
+
+
+def rows_of(table: Path) -> list[str]:
+    """Markdown rows for every recipe in one report that has a matched control."""
+    rows = list(csv.DictReader(table.open()))
+    by_key = {(r["variant"], r["recipe"]): r for r in rows}
+    out = []
+    for r in rows:
+        control = r.get("control")
+        if not control:
+            continue
+        c = by_key.get((r["variant"], control))
+        n_m, n_c = int(r["n_seeds"]), int(c["n_seeds"]) if c else 0
+        m_mean, m_std = _f(r[f"{FINAL}_mean"]), _f(r[f"{FINAL}_std"])
+        c_mean = _f(c[f"{FINAL}_mean"]) if c else math.nan
+        c_std = _f(c[f"{FINAL}_std"]) if c else math.nan
+        delta = _f(r["control_final_delta"])
+        reached = int(float(r["control_seeds_reached"] or 0))
+        gap = resolved_gap(delta, m_std, n_m, c_std, n_c)
+        costs = " / ".join(_cell_ratio(_ratio(r, a)) for a in AXES)
+        regime = r["variant"] or "dense"
+        claims = CLAIMS.get(r["recipe"])
+        if not claims:
+            claims_cells = [("ours (no paper claim)", "")]
+        else:
+            claims_cells = []
+            for cl in claims:
+                axis = AXIS_NAMES[cl.axis] if cl.kind == "cost" else "final pass@1"
+                v = verdict(cl, ratio=_ratio(r, cl.axis), seeds_reached=reached, n_seeds=n_m, delta=delta,
+                            std_m=m_std, std_c=c_std, n_c=n_c)  # fmt: skip
+                claims_cells.append((f"{cl.method}: {cl.text} ({axis})", v or "see text"))
+        for text, v in claims_cells:
+            out.append(
+                f"| {regime} | `{r['recipe']}` | {text} | `{control}` | {n_m}/{n_c} | "
+                f"{m_mean:.3f} ± {m_std:.3f} vs {c_mean:.3f} ± {c_std:.3f} | {delta:+.3f} (±{gap:.3f}) | "
+                f"{costs} ({reached}/{n_m}) | {v or '—'} |"
+            )
+    return out
+
+
+HEADER = (
+    "| regime | recipe | paper's claim (axis) | matched control | seeds (method/control) | final pass@1: method vs control "
+    "| Δ final (resolved beyond) | × control to reach its final: drawn tokens / steps / train s (seeds reached) | verdict |\n"
+    "|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("ablation_ids", nargs="+", help="ablation ids whose reports to read")
+    ap.add_argument("--out", default="ablations", help="the --out folder ablate.py wrote to")
+    args = ap.parse_args(argv)
+    lines = [HEADER]
+    for aid in args.ablation_ids:
+        table = Path(args.out) / aid / "report" / "table.csv"
+        if not table.exists():
+            raise SystemExit(f"claims: no report {table}: run `python scripts/ablate.py --report-only --ablation-id {aid}`")
+        lines += rows_of(table)
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,92 @@
+"""The claims table's verdict rule (components/claims.py) and its script, on hand numbers."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import pytest
+
+from components import ablation as ab
+from components.claims import CLAIMS, Claim, resolved_gap, verdict
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_every_recipe_with_a_control_has_a_claims_entry():
+    recipes = sorted((ROOT / "recipes").glob("*.yaml"))
+    with_control = {p.stem for p in recipes if ab.recipe_header(p, ROOT).control}
+    missing = with_control - set(CLAIMS)
+    assert not missing, f"add these recipes to components.claims.CLAIMS (None for ours): {sorted(missing)}"
+
+
+def test_resolved_gap_is_noise_or_two_standard_errors():
+    assert resolved_gap(0.1, 0.0, 3, 0.0, 3) == pytest.approx(0.02)
+    # 2 * sqrt(0.03^2/3 + 0.03^2/3) = 0.04899
+    assert resolved_gap(0.1, 0.03, 3, 0.03, 3) == pytest.approx(2 * math.sqrt(2 * 0.0009 / 3))
+
+
+COST = Claim("X", "2x faster", "cost", "steps", 0.5)
+GAIN = Claim("Y", "+1 point", "gain", delta=0.01)
+PAR = Claim("Z", "no worse", "parity")
+
+
+@pytest.mark.parametrize(
+    "claim, ratio, reached, delta, expected",
+    [
+        (COST, 0.4, 3, 0.0, "reproduced"),
+        (COST, 0.5, 3, 0.0, "reproduced"),
+        (COST, 0.4, 2, 0.0, "direction only"),  # not every seed got there
+        (COST, 0.8, 3, 0.0, "direction only"),  # cheaper, not by the claimed factor
+        (COST, 1.0, 3, 0.0, "not reproduced"),
+        (COST, None, 0, -0.05, "not reproduced"),  # never reached the control's final
+        (GAIN, None, 3, 0.05, "reproduced"),
+        (GAIN, None, 3, 0.015, "direction only"),  # above the claim, inside the noise
+        (GAIN, None, 3, 0.0, "not reproduced"),
+        (PAR, None, 3, -0.015, "reproduced"),
+        (PAR, None, 3, -0.05, "not reproduced"),
+        (PAR, None, 3, 0.05, "reproduced"),
+    ],
+)
+def test_verdict_rule(claim, ratio, reached, delta, expected):
+    got = verdict(claim, ratio=ratio, seeds_reached=reached, n_seeds=3, delta=delta, std_m=0.005, std_c=0.005, n_c=3)
+    assert got == expected
+
+
+def test_claim_rejects_an_unknown_kind_or_axis():
+    with pytest.raises(ValueError, match="Claim.kind"):
+        Claim("X", "t", "faster")
+    with pytest.raises(ValueError, match="Claim.axis"):
+        Claim("X", "t", "cost", "hours")
+
+
+def test_script_reads_a_report_and_prints_one_row_per_claim(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("claims_script", ROOT / "scripts" / "claims.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    head = ["variant", "recipe", "n_seeds", "eval/pass_at_1:final_mean", "eval/pass_at_1:final_std", "control",
+            "control_seeds_reached", "control_final_delta"]  # fmt: skip
+    head += [f"{a}_to_control_target_ratio" for a in ab.AXES]
+    rows = [
+        ["", "grpo_dapo", "3", "0.354", "0.005", "", "", "", "", "", ""],
+        ["", "dapo", "3", "0.386", "0.012", "grpo_dapo", "3", "0.032", "0.72", "0.35", "0.73"],
+        ["", "ada_seq", "3", "0.368", "0.015", "grpo_n4", "3", "0.028", "1.59", "0.33", ""],
+        ["", "grpo_n4", "3", "0.340", "0.011", "", "", "", "", "", ""],
+    ]
+    report = tmp_path / "abl" / "report"
+    report.mkdir(parents=True)
+    with (report / "table.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([head, *rows])
+    assert mod.main(["abl", "--out", str(tmp_path)]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| dense")]
+    assert len(lines) == 3  # DAPO's one claim, Ada-Seq's two
+    dapo = next(ln for ln in lines if "`dapo`" in ln)
+    assert "0.72× / 0.35× / 0.73× (3/3)" in dapo and dapo.endswith("| reproduced |")
+    v1, v3 = (ln for ln in lines if "`ada_seq`" in ln)
+    assert "(v1)" in v1 and v1.endswith("| reproduced |")  # +0.028 > 2 SE (0.021) and > noise
+    assert "(v3)" in v3 and "never" in v3 and v3.endswith("| not reproduced |")
+    with pytest.raises(SystemExit, match="no report"):
+        mod.main(["missing", "--out", str(tmp_path)])
