@@ -81,14 +81,13 @@ CLAIMS: dict[str, tuple[Claim, ...] | None] = {
     "dro": (Claim("DRO-R3", "trains 2-3x faster than the correctness reward", "cost", "steps", 0.5),),
     "dro_nofilter": (Claim("DRO-R3, no filter", "about equal to the correctness reward (67.1 vs 68.0)", "parity"),),
     "dro_aggr": (Claim("DRO-Aggr", "4.1 points below DRO-R3, 5.0 below the correctness reward", "note"),),
-    # Controls and baselines: no claim of their own.
-    "grpo_dapo": None,
-    "grpo_n4": None,
-    "grpo_g4": None,
-    "grpo_verifier_reasoning": None,
     "f_log": None,
     "curate": None,
 }
+
+
+# Matched controls (GRPO variants): no claim of their own; the claims table leaves them out.
+CONTROLS = frozenset({"grpo", "grpo_dapo", "grpo_n4", "grpo_g4", "grpo_verifier_reasoning"})
 
 
 def resolved_gap(delta: float, std_m: float, n_m: int, std_c: float, n_c: int, noise: float = NOISE) -> float:

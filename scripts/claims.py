@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from components.claims import AXES, CLAIMS, resolved_gap, verdict  # noqa: E402
+from components.claims import AXES, CLAIMS, CONTROLS, resolved_gap, verdict  # noqa: E402
 
 FINAL = "eval/pass_at_1:final"
 AXIS_NAMES = {"tokens": "drawn tokens", "steps": "steps", "train_s": "train s"}
@@ -46,7 +46,7 @@ def rows_of(table: Path) -> list[str]:
     out = []
     for r in rows:
         control = r.get("control")
-        if not control:
+        if not control or r["recipe"] in CONTROLS:
             continue
         c = by_key.get((r["variant"], control))
         n_m, n_c = int(r["n_seeds"]), int(c["n_seeds"]) if c else 0
