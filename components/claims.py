@@ -67,6 +67,14 @@ CLAIMS: dict[str, tuple[Claim, ...] | None] = {
         ),
         Claim("Reinforce-Ada-Seq (v3)", "up to 2x faster at the same total inference budget", "cost", "tokens", 0.5),
     ),
+    "ada_seq_pos": (
+        Claim(
+            "Reinforce-Ada-Seq, positive exit",
+            "+0.8 to +2.7 points over GRPO at the same steps (Table 2, Ada-pos)",
+            "gain",
+            delta=0.008,
+        ),
+    ),
     "ada_est": (Claim("Reinforce-Ada-Est", "estimate-then-allocate: no clear gain over GRPO (v1 footnote)", "parity"),),
     "dr_grpo": (Claim("Dr. GRPO", "removing the length and std terms keeps accuracy (shorter wrong answers)", "parity"),),
     "dynamo": (Claim("DynaMO", "+3.7 / +4.4 P@1 over GRPO at 1.5B / 7B, same steps", "gain", delta=0.037),),

@@ -71,6 +71,7 @@ def test_the_check_fails_when_a_recipe_changes_a_shared_setting(tmp_path):
 def test_every_comparison_control_of_the_issue_exists():
     expected = {
         "ada_seq": "grpo_n4",  # GRPO n=4 on the same prompts
+        "ada_seq_pos": "grpo_n4",
         "ada_est": "grpo",  # GRPO at the same total rollouts (8 x prompts)
         "pods": "grpo",  # GRPO with n = m = 8
         "dapo": "grpo_dapo",  # GRPO with DAPO's clip and aggregation
