@@ -210,9 +210,15 @@ def fit_command(
     max_steps: int = 1_000_000,
     root: Path | None = None,
     python: str = sys.executable,
+    run_dir: Path | None = None,
 ) -> tuple[list[str], dict[str, str]]:
-    """The ``curate-rl fit`` command of one run and the environment it needs (paths are resolved
-    against ``root``, so the run can execute in its own working directory).
+    """The ``curate-rl fit`` command of one run and the environment it needs (config paths are
+    resolved against ``root``).
+
+    The run executes in the caller's working directory, so relative paths inside a config mean what
+    they mean to ``curate-rl fit`` run from there (a regime's ``.cache/curate-rl/regimes/<name>``
+    model, the shared pre-filter cache); what the run writes (Lightning's root, checkpoints, the
+    exported policy) goes to ``run_dir``, so concurrent runs never share an output folder.
 
     Later arguments win in LightningCLI, so the ablation's own settings (budget cap, step limit,
     seed, logger) come after the pass-through ``extra_args`` and cannot be overridden by them.
@@ -226,6 +232,13 @@ def fit_command(
     cmd = [python, "-m", "components.cli", "fit"]
     for path in spec.configs:
         cmd += ["--config", str(_resolve(path, root).resolve())]
+    if run_dir is not None:
+        out = Path(run_dir).resolve()
+        cmd += [
+            "--trainer.default_root_dir", str(out),
+            "--checkpoint.dirpath", str(out / "checkpoints"),
+            "--model.export_dir", str(out / "outputs" / "final_policy"),
+        ]  # fmt: skip
     cmd += list(extra_args)
     cap_args, max_steps = budget.cap_args(max_steps)
     logger = {

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -195,7 +196,7 @@ def apply_prefilter(
         counts = solve_counts(ps, cs, engine, verifier, cfg, max_new)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")  # per process: concurrent runs share the cache
             tmp.write_text(json.dumps(counts))
             tmp.replace(path)  # atomic: a killed run never leaves a half-written cache
     kept, kept_w = [], []

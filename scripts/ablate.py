@@ -12,8 +12,10 @@ Each run is ``curate-rl fit --config <overlay>... --config <recipe> <extra args 
 ``BudgetCap`` callback, a step limit that never binds, ``--seed_everything <seed>`` and the MLflow
 logger pointed at ``--tracking-uri`` / ``--experiment``; the run is tagged ``ablation_id``,
 ``recipe``, ``seed`` (through ``MLFLOW_RUN_CONTEXT``, see ``components.ablation.fit_command``).
-Runs execute in ``<out>/<ablation id>/runs/<label>/seed<k>/`` (checkpoints, outputs, ``fit.log``),
-so they never share a checkpoint folder; the report goes to ``<out>/<ablation id>/report/`` and to a summary MLflow run
+Runs execute in this working directory (a config's relative paths, such as a regime's cached model,
+mean what they mean to ``curate-rl fit`` run from here) and write to
+``<out>/<ablation id>/runs/<label>/seed<k>/`` (checkpoints, outputs, ``fit.log``), so they never share
+an output folder; the report goes to ``<out>/<ablation id>/report/`` and to a summary MLflow run
 (tags ``ablation_id``, ``kind=summary``).
 
 Seeds vary only the training randomness (``seed_everything``: rollout sampling, eval sampling,
@@ -190,7 +192,7 @@ def run_one(cmd: list[str], env_updates: dict[str, str], run_dir: Path) -> tuple
     with open(run_dir / "fit.log", "w") as log:
         log.write(" ".join(cmd) + "\n\n")
         log.flush()
-        rc = subprocess.run(cmd, cwd=run_dir, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
     return rc, time.time() - t0
 
 
@@ -225,6 +227,7 @@ def run_ablation(args: argparse.Namespace, client, exp_id: str, settings: str) -
             extra_args=args.extra,
             max_steps=args.step_limit,
             root=ROOT,
+            run_dir=Path(args.out) / args.ablation_id / "runs" / spec.label / f"seed{spec.seed}",
         )
         for spec in plan.todo
     }
@@ -234,7 +237,7 @@ def run_ablation(args: argparse.Namespace, client, exp_id: str, settings: str) -
         return 0
     for rid in plan.stale_run_ids:  # left RUNNING by a killed ablation: it is redone below
         client.set_terminated(rid, "KILLED")
-    base = Path(args.out) / args.ablation_id / "runs"
+    base = Path(args.out) / args.ablation_id / "runs"  # the run_dir each command was given
     failed, durations, t_start = [], [], time.time()
     pool = cf.ThreadPoolExecutor(max_workers=max(args.jobs, 1))
     futures = {pool.submit(run_one, *cmds[s], base / s.label / f"seed{s.seed}"): s for s in plan.todo}

@@ -318,6 +318,20 @@ def test_fit_command_appends_the_cap_and_tags_the_run_exactly():
     assert tags["ablation_variant"] == "cpu-tiny" and tags["ablation_settings"] == settings and env["OMP_NUM_THREADS"] == "1"
 
 
+def test_fit_command_sends_outputs_to_the_run_dir_and_keeps_relative_inputs(tmp_path):
+    """Runs execute in the caller's folder (a regime's relative model path resolves as it does for
+    ``curate-rl fit``) and write only under their own run_dir; extra args may still override."""
+    spec = ab.RunSpec("recipes/grpo.yaml", ("configs/regimes/sparse.yaml",), 0)
+    settings = ab.settings_of(ab.Budget("steps", 4), [], 4)
+    cmd, _ = ab.fit_command(spec, ab.Budget("steps", 4), ablation_id="a", tracking_uri="sqlite:////x.db", experiment="e",
+                            settings=settings, extra_args=["--checkpoint.dirpath", "mine"], root=ROOT, run_dir=tmp_path / "r")  # fmt: skip
+    out = tmp_path / "r"
+    assert cmd[cmd.index("--trainer.default_root_dir") + 1] == str(out)
+    assert cmd[cmd.index("--model.export_dir") + 1] == str(out / "outputs" / "final_policy")
+    dirpaths = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--checkpoint.dirpath"]
+    assert dirpaths == [str(out / "checkpoints"), "mine"], "the user's extra args come later and win"
+
+
 def test_presets_resolve_recipes_by_glob():
     import importlib.util
 
