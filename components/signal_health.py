@@ -188,11 +188,19 @@ def plot_signal_health(
     cols = min(3, len(shown))
     rows = (len(shown) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows), squeeze=False)
+    # One colour and line style per run label, the same in every panel; past 10 labels tab10 repeats
+    # its colours, so take tab20's pairs and dash the second ten (as the ablation's curves.png).
+    cmap = plt.get_cmap("tab10" if len(series) <= 10 else "tab20")
+    styles = {
+        label: (cmap(i) if len(series) <= 10 else cmap((2 * i) % 20 + (i // 10) % 2), "-" if i % 20 < 10 else "--")
+        for i, label in enumerate(series)
+    }
     for ax, metric in zip(axes.flat, shown):
         for label, s in series.items():
             pts = sorted(s.get(metric, ()))
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1.3, label=label)
+                color, ls = styles[label]
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], color=color, ls=ls, lw=1.3, label=label)
         ax.set_title(metric, fontsize=9)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
