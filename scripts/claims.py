@@ -35,7 +35,15 @@ def _ratio(row: dict[str, str], axis: str) -> float | None:
     return None if math.isnan(v) else v
 
 
-def _cell_ratio(r: float | None) -> str:
+def _control_cost(row: dict[str, str], axis: str) -> float:
+    """The control's own cost to reach its final on ``axis`` (0: its final is no better than the start)."""
+    return _f(row.get(f"{axis}_to_control_target_control", ""))
+
+
+def _cell_ratio(row: dict[str, str], axis: str) -> str:
+    if _control_cost(row, axis) == 0:
+        return "— (control at start)"
+    r = _ratio(row, axis)
     return "never" if r is None else f"{r:.2f}×"
 
 
@@ -56,7 +64,7 @@ def rows_of(table: Path) -> list[str]:
         delta = _f(r["control_final_delta"])
         reached = int(float(r["control_seeds_reached"] or 0))
         gap = resolved_gap(delta, m_std, n_m, c_std, n_c)
-        costs = " / ".join(_cell_ratio(_ratio(r, a)) for a in AXES)
+        costs = " / ".join(_cell_ratio(r, a) for a in AXES)
         regime = r["variant"] or "dense"
         claims = CLAIMS.get(r["recipe"])
         if not claims:
@@ -66,7 +74,7 @@ def rows_of(table: Path) -> list[str]:
             for cl in claims:
                 axis = AXIS_NAMES[cl.axis] if cl.kind == "cost" else "final pass@1"
                 v = verdict(cl, ratio=_ratio(r, cl.axis), seeds_reached=reached, n_seeds=n_m, delta=delta,
-                            std_m=m_std, std_c=c_std, n_c=n_c)  # fmt: skip
+                            std_m=m_std, std_c=c_std, n_c=n_c, control_cost=_control_cost(r, cl.axis))  # fmt: skip
                 claims_cells.append((f"{cl.method}: {cl.text} ({axis})", v or "see text"))
         for text, v in claims_cells:
             out.append(
