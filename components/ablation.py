@@ -713,6 +713,7 @@ class ControlComparison:
     n_seeds: int
     final_delta: float  # this recipe's final mean - the control's
     auc_delta: float  # AUC (on the budget's axis) mean - the control's
+    start: float = math.nan  # the control's mean pass@1 at its first evaluation (step 0)
 
     def ratio(self, axis: str) -> float | None:
         """Cost to the target over the control's (< 1: the recipe gets there cheaper)."""
@@ -803,6 +804,7 @@ def compare_to_control(
         n_seeds=len(cur),
         final_delta=float(np.mean([c.values[-1] for c in cur]) - target),
         auc_delta=float(mine_auc - ctl_auc),
+        start=float(np.mean([c.values[0] for c in ctl])),
     )
 
 
@@ -1014,6 +1016,7 @@ def to_csv(rows: Sequence[Row]) -> str:
     head += [f"{c}_{s}" for c in per_row for s in ("mean", "std")] + ["tokens_mean", "rollouts_mean", "steps_mean"]
     head += ["control", "control_target", "control_seeds_reached", "control_final_delta", "control_auc_delta"]
     head += [f"{a}_to_control_target{suf}" for a in AXES for suf in ("", "_control", "_ratio")]
+    head += ["control_start"]
     out = io.StringIO()
     w = csv.writer(out)
     w.writerow(head)
@@ -1025,10 +1028,11 @@ def to_csv(rows: Sequence[Row]) -> str:
         cells += [num(v) for c in per_row for v in getattr(r, c)] + [num(r.tokens), num(r.rollouts), num(r.steps)]
         c = r.control
         if c is None:
-            cells += [""] * (5 + 3 * len(AXES))
+            cells += [""] * (6 + 3 * len(AXES))
         else:
             cells += [c.control, num(c.target), c.seeds_reached, num(c.final_delta), num(c.auc_delta)]
             cells += [num(v) for a in AXES for v in (c.cost.get(a), c.control_cost.get(a), c.ratio(a))]
+            cells += [num(c.start)]
         w.writerow(cells)
     return out.getvalue()
 

@@ -22,8 +22,8 @@ The verdict rule (ours, stated so a reader can re-apply it):
   × the control's cost and every seed's own curve reaches it; **direction only** when it gets there
   cheaper than the control (ratio < 1) but not by the claimed factor or not on every seed; **not
   reproduced** otherwise (including never reaching it within the budget); **not testable** when the
-  control's final is no better than where every run starts (the control did not learn, so "the cost
-  to reach it" is zero for both and says nothing).
+  control's own gain (its final over its step-0 pass@1) is under the noise: the target then sits
+  within noise of where every run starts, and "the cost to reach it" measures the noise.
 * ``gain``: **reproduced** when the gain is resolved and ≥ ``delta``; **direction only** when it is
   positive but not resolved; **not reproduced** when it is ≤ 0.
 * ``parity``: **reproduced** unless the method is worse by a resolved gap.
@@ -118,16 +118,16 @@ def verdict(
     std_c: float,
     n_c: int,
     noise: float = NOISE,
-    control_cost: float | None = None,
+    control_gain: float | None = None,
 ) -> str:
     """``reproduced`` | ``direction only`` | ``not reproduced`` | ``not testable`` by the module's
-    rule (``""`` for a note). ``control_cost``: the control's own cost to reach its final on the
-    claim's axis (0 when its final is no better than the start)."""
+    rule (``""`` for a note). ``control_gain``: the control's final mean pass@1 minus its step-0
+    mean (None: unknown, the cost claim is judged as is)."""
     if claim.kind == "note":
         return ""
     gap = resolved_gap(delta, std_m, n_seeds, std_c, n_c, noise)
     if claim.kind == "cost":
-        if control_cost is not None and not math.isnan(control_cost) and control_cost <= 0:
+        if control_gain is not None and not math.isnan(control_gain) and control_gain < noise:
             return "not testable"
         if ratio is None or math.isnan(ratio) or ratio >= 1.0:
             return "not reproduced"

@@ -40,6 +40,15 @@ def _control_cost(row: dict[str, str], axis: str) -> float:
     return _f(row.get(f"{axis}_to_control_target_control", ""))
 
 
+def _control_gain(row: dict[str, str]) -> float | None:
+    """The control's final mean pass@1 over its step-0 mean (0 for a report without the start column
+    whose control reached its final at zero cost; None when unknown)."""
+    start = _f(row.get("control_start", ""))
+    if not math.isnan(start):
+        return _f(row["control_target"]) - start
+    return 0.0 if any(_control_cost(row, a) == 0 for a in AXES) else None
+
+
 def _cell_ratio(row: dict[str, str], axis: str) -> str:
     if _control_cost(row, axis) == 0:
         return "— (control at start)"
@@ -74,7 +83,7 @@ def rows_of(table: Path) -> list[str]:
             for cl in claims:
                 axis = AXIS_NAMES[cl.axis] if cl.kind == "cost" else "final pass@1"
                 v = verdict(cl, ratio=_ratio(r, cl.axis), seeds_reached=reached, n_seeds=n_m, delta=delta,
-                            std_m=m_std, std_c=c_std, n_c=n_c, control_cost=_control_cost(r, cl.axis))  # fmt: skip
+                            std_m=m_std, std_c=c_std, n_c=n_c, control_gain=_control_gain(r))  # fmt: skip
                 claims_cells.append((f"{cl.method}: {cl.text} ({axis})", v or "see text"))
         for text, v in claims_cells:
             out.append(
