@@ -1002,8 +1002,9 @@ def control_table(rows: Sequence[Row]) -> list[str]:
     return [*lines, ""]
 
 
-def to_csv(rows: Sequence[Row]) -> str:
-    """Flat numbers (mean and std columns), one line per row; empty cells for "not reached"/undefined."""
+def to_csv(rows: Sequence[Row], budget: Budget | None = None) -> str:
+    """Flat numbers (mean and std columns), one line per row; empty cells for "not reached"/undefined.
+    ``budget`` adds a ``budget`` column (``kind:value``), which says at what every run was stopped."""
 
     def num(x: float | None) -> str:
         return "" if x is None or math.isnan(x) else repr(float(x))
@@ -1016,7 +1017,7 @@ def to_csv(rows: Sequence[Row]) -> str:
     head += [f"{c}_{s}" for c in per_row for s in ("mean", "std")] + ["tokens_mean", "rollouts_mean", "steps_mean"]
     head += ["control", "control_target", "control_seeds_reached", "control_final_delta", "control_auc_delta"]
     head += [f"{a}_to_control_target{suf}" for a in AXES for suf in ("", "_control", "_ratio")]
-    head += ["control_start"]
+    head += ["control_start"] + (["budget"] if budget is not None else [])
     out = io.StringIO()
     w = csv.writer(out)
     w.writerow(head)
@@ -1033,6 +1034,8 @@ def to_csv(rows: Sequence[Row]) -> str:
             cells += [c.control, num(c.target), c.seeds_reached, num(c.final_delta), num(c.auc_delta)]
             cells += [num(v) for a in AXES for v in (c.cost.get(a), c.control_cost.get(a), c.ratio(a))]
             cells += [num(c.start)]
+        if budget is not None:
+            cells.append(f"{budget.kind}:{budget.value}")
         w.writerow(cells)
     return out.getvalue()
 

@@ -7,7 +7,9 @@ A claim is one of three kinds:
   less, on ``axis`` (``steps`` = generation batches, ``tokens`` = drawn tokens, ``train_s`` =
   training wall seconds without evaluation). E.g. DAPO's "50% fewer training steps" is
   ``factor=0.5`` on ``steps``.
-* ``gain``: the method's final pass@1 beats the control's by at least ``delta`` at the same budget.
+* ``gain``: the method's final pass@1 beats the control's by at least ``delta`` at the same budget
+  (``at``: the budget axis the paper states it at, ``steps`` for every claim here; an ablation
+  stopped on another axis, e.g. equal drawn tokens, does not judge it).
 * ``parity``: the method is no worse than the control (e.g. Reinforce-Ada-Est, whose paper reports
   no clear gain).
 * ``note``: the paper's claim is not against this control (DRO-Aggr is compared with DRO-R3); the
@@ -49,12 +51,20 @@ class Claim:
     axis: str = "steps"  # for cost claims: tokens | steps | train_s
     factor: float = 1.0  # cost claims: claimed cost ratio (0.5 = "2x faster")
     delta: float = 0.0  # gain claims: claimed gain in final pass@1
+    at: str = "steps"  # gain / parity / note: the budget the claim's finals are compared at
 
     def __post_init__(self) -> None:
         if self.kind not in ("cost", "gain", "parity", "note"):
             raise ValueError(f"Claim.kind: {self.kind!r}; valid: cost, gain, parity, note")
-        if self.axis not in AXES:
-            raise ValueError(f"Claim.axis: {self.axis!r}; valid: {', '.join(AXES)}")
+        for name, v in (("axis", self.axis), ("at", self.at)):
+            if v not in AXES:
+                raise ValueError(f"Claim.{name}: {v!r}; valid: {', '.join(AXES)}")
+
+    def judged_at(self, budget_kind: str | None) -> bool:
+        """Whether an ablation stopped on ``budget_kind`` (None: unknown) can judge this claim: a cost
+        claim reads the cost to the control's final on its own axis under any budget; a claim about
+        finals needs the finals taken at the budget it is stated at."""
+        return self.kind == "cost" or budget_kind is None or budget_kind == self.at
 
 
 # recipe stem -> the claims of its paper (from ../shared/reference/algorithms.md).

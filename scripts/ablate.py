@@ -297,7 +297,7 @@ def report(args: argparse.Namespace, client, exp_id: str) -> None:
     title = f"Ablation {name}" if args.ablation_id else f"Experiment {name}"
     md = ab.to_markdown(rows, budget, title=title, notes=ab.start_mismatches(results))
     (out / "table.md").write_text(md)
-    (out / "table.csv").write_text(ab.to_csv(rows))
+    (out / "table.csv").write_text(ab.to_csv(rows, budget))
     ab.plot(results, rows, budget, out / "curves.png", title=name, band=args.band)
     files = [out / "table.md", out / "table.csv", out / "curves.png"]
     # Signal health beside pass@1 (issue #11): collapse shows here before it shows in pass@1.

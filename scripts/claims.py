@@ -75,16 +75,21 @@ def rows_of(table: Path) -> list[str]:
         gap = resolved_gap(delta, m_std, n_m, c_std, n_c)
         costs = " / ".join(_cell_ratio(r, a) for a in AXES)
         regime = r["variant"] or "dense"
+        budget_kind = (r.get("budget") or "").split(":")[0] or None
+        if budget_kind not in (None, "steps"):  # e.g. an equal-drawn-tokens sweep
+            regime += f" (equal {AXIS_NAMES.get(budget_kind, budget_kind)}: {r['budget'].split(':')[1]})"
         claims = CLAIMS.get(r["recipe"])
         if not claims:
             claims_cells = [("ours (no paper claim)", "")]
         else:
             claims_cells = []
-            for cl in claims:
+            for cl in (c for c in claims if c.judged_at(budget_kind)):
                 axis = AXIS_NAMES[cl.axis] if cl.kind == "cost" else "final pass@1"
                 v = verdict(cl, ratio=_ratio(r, cl.axis), seeds_reached=reached, n_seeds=n_m, delta=delta,
                             std_m=m_std, std_c=c_std, n_c=n_c, control_gain=_control_gain(r))  # fmt: skip
                 claims_cells.append((f"{cl.method}: {cl.text} ({axis})", v or "see text"))
+            if not claims_cells:  # its claims compare finals at another budget: the numbers, no verdict
+                claims_cells = [(f"{claims[0].method}: claimed at equal {AXIS_NAMES[claims[0].at]}, not judged here", "")]
         for text, v in claims_cells:
             out.append(
                 f"| {regime} | `{r['recipe']}` | {text} | `{control}` | {n_m}/{n_c} | "

@@ -65,6 +65,11 @@ def test_a_cost_claim_is_not_testable_when_the_control_did_not_learn():
     assert verdict(PAR, control_gain=0.0, **kw) == "reproduced"  # only cost claims read the gain
 
 
+def test_a_claim_about_finals_is_judged_only_at_its_own_budget():
+    assert GAIN.judged_at("steps") and GAIN.judged_at(None) and not GAIN.judged_at("tokens")
+    assert COST.judged_at("tokens") and COST.judged_at("steps")  # a cost to a target reads on any budget
+
+
 def test_claim_rejects_an_unknown_kind_or_axis():
     with pytest.raises(ValueError, match="Claim.kind"):
         Claim("X", "t", "faster")
@@ -125,5 +130,17 @@ def test_script_reads_a_report_and_prints_one_row_per_claim(tmp_path, capsys):
     assert "(v3)" in v3 and "never" in v3 and v3.endswith("| not reproduced |")
     dro = next(ln for ln in lines if "`dro`" in ln)
     assert "— (control at start)" in dro and dro.endswith("| not testable |")
+    # an equal-tokens sweep: Ada-Seq's v3 (cost) is judged, its v1 (a gain at equal steps) is not
+    tok = tmp_path / "tok" / "report"
+    tok.mkdir(parents=True)
+    with (tok / "table.csv").open("w", newline="") as f:
+        pos = ["", "ada_seq_pos", "3", "0.391", "0.008", "grpo_n4", "3", "0.024", "0.99", "0.42", "0.63", "6e4", "100", "50",
+               "0.367", "0.31", "tokens:100000"]  # fmt: skip
+        csv.writer(f).writerows([[*head, "budget"], [*rows[2], "tokens:100000"], pos])
+    assert mod.main(["tok", "--out", str(tmp_path)]) == 0
+    printed = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| dense")]
+    assert len(printed) == 2 and all("(equal drawn tokens: 100000)" in ln for ln in printed)
+    assert "(v3)" in printed[0] and "(v1)" not in "".join(printed)
+    assert "not judged here" in printed[1] and printed[1].endswith("| — |")  # Ada-pos: only a gain at equal steps
     with pytest.raises(SystemExit, match="no report"):
         mod.main(["missing", "--out", str(tmp_path)])
