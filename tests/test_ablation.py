@@ -2,7 +2,7 @@
 
 One small real ablation (grpo and dr_grpo x 2 seeds, a token cap of a few steps on a small pool)
 is shared by the integration tests through a module-scoped fixture; it costs four ``curate-rl fit``
-processes (~25 s each on one thread). Everything else runs on hand-made curves and fake runs.
+processes (~25 s each on one thread), two at a time. Everything else runs on hand-made curves and fake runs.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ RECIPES = ["recipes/grpo.yaml", "recipes/dr_grpo.yaml"]
 
 def _ablate(tmp: Path, *more: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(ABLATE), "--recipes", *RECIPES, "--seeds", "0", "1", "--max-tokens", str(CAP), "--slice", "d2",
-           "--tracking-uri", f"sqlite:///{tmp}/mlflow.db", "--out", str(tmp / "out"), "--ablation-id", "t1", *more, "--", *EXTRA]  # fmt: skip
+           "--tracking-uri", f"sqlite:///{tmp}/mlflow.db", "--out", str(tmp / "out"), "--ablation-id", "t1", "--jobs", "2", *more, "--", *EXTRA]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, f"ablate.py failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
