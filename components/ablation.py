@@ -1050,15 +1050,12 @@ def plot(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from components.signal_health import line_styles
+
     metrics = [b.metric for b in rows[0].blocks] if rows else [PASS_AT_1]
     fig, axes = plt.subplots(1, len(metrics), figsize=(6.5 * len(metrics), 4.5), squeeze=False)
     grid = common_grid(results, budget.kind, budget.value)
-    # Past 10 recipes the default colour cycle repeats: tab20's dark shades first, then its light
-    # shades dashed, keep them apart.
-    if len(rows) <= 10:
-        styles = [(plt.get_cmap("tab10")(i), "-") for i in range(len(rows))]
-    else:
-        styles = [(plt.get_cmap("tab20")((2 * i) % 20 + (i // 10) % 2), "-" if i % 20 < 10 else "--") for i in range(len(rows))]
+    styles = line_styles(len(rows))  # past 10 recipes tab10 repeats its colours
     for ax, metric in zip(axes[0], metrics):
         for (color, ls), row in zip(styles, rows):
             curves = [r.curves[metric] for r in results if r.group == (row.variant, row.recipe) and metric in r.curves]

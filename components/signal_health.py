@@ -166,6 +166,19 @@ def log_signal_health(module: Any, groups: Sequence[Group], batch: Any) -> None:
         module.log_metric(f"health/{k}", v)
 
 
+def line_styles(n: int) -> list[tuple[Any, str]]:
+    """``n`` distinct (colour, line style) pairs for a plot's lines: tab10 up to 10; past that its
+    colours repeat, so tab20's dark shades first, then its light shades dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if n <= 10:
+        return [(plt.get_cmap("tab10")(i), "-") for i in range(n)]
+    return [(plt.get_cmap("tab20")((2 * i) % 20 + (i // 10) % 2), "-" if i % 20 < 10 else "--") for i in range(n)]
+
+
 def plot_signal_health(
     series: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]],
     path: str | Path,
@@ -188,13 +201,7 @@ def plot_signal_health(
     cols = min(3, len(shown))
     rows = (len(shown) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows), squeeze=False)
-    # One colour and line style per run label, the same in every panel; past 10 labels tab10 repeats
-    # its colours, so take tab20's pairs and dash the second ten (as the ablation's curves.png).
-    cmap = plt.get_cmap("tab10" if len(series) <= 10 else "tab20")
-    styles = {
-        label: (cmap(i) if len(series) <= 10 else cmap((2 * i) % 20 + (i // 10) % 2), "-" if i % 20 < 10 else "--")
-        for i, label in enumerate(series)
-    }
+    styles = dict(zip(series, line_styles(len(series))))  # the same colour per run in every panel
     for ax, metric in zip(axes.flat, shown):
         for label, s in series.items():
             pts = sorted(s.get(metric, ()))

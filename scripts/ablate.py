@@ -216,6 +216,7 @@ def run_ablation(args: argparse.Namespace, client, exp_id: str, settings: str) -
         f"ablation {args.ablation_id}: {len(specs)} runs ({len(plan.done)} already finished, {len(plan.todo)} to run), "
         f"budget {args.budget}, {args.jobs} at a time"
     )
+    run_dirs = {spec: Path(args.out) / args.ablation_id / "runs" / spec.label / f"seed{spec.seed}" for spec in plan.todo}
     cmds = {
         spec: ab.fit_command(
             spec,
@@ -227,7 +228,7 @@ def run_ablation(args: argparse.Namespace, client, exp_id: str, settings: str) -
             extra_args=args.extra,
             max_steps=args.step_limit,
             root=ROOT,
-            run_dir=Path(args.out) / args.ablation_id / "runs" / spec.label / f"seed{spec.seed}",
+            run_dir=run_dirs[spec],
         )
         for spec in plan.todo
     }
@@ -237,17 +238,16 @@ def run_ablation(args: argparse.Namespace, client, exp_id: str, settings: str) -
         return 0
     for rid in plan.stale_run_ids:  # left RUNNING by a killed ablation: it is redone below
         client.set_terminated(rid, "KILLED")
-    base = Path(args.out) / args.ablation_id / "runs"  # the run_dir each command was given
     failed, durations, t_start = [], [], time.time()
     pool = cf.ThreadPoolExecutor(max_workers=max(args.jobs, 1))
-    futures = {pool.submit(run_one, *cmds[s], base / s.label / f"seed{s.seed}"): s for s in plan.todo}
+    futures = {pool.submit(run_one, *cmds[s], run_dirs[s]): s for s in plan.todo}
     try:
         for i, fut in enumerate(cf.as_completed(futures), 1):
             spec = futures[fut]
             rc, dt = fut.result()
             durations.append(dt)
             eta = sum(durations) / len(durations) * (len(plan.todo) - i) / max(args.jobs, 1)
-            status = "ok" if rc == 0 else f"FAILED (exit {rc}, see {base / spec.label / f'seed{spec.seed}' / 'fit.log'})"
+            status = "ok" if rc == 0 else f"FAILED (exit {rc}, see {run_dirs[spec] / 'fit.log'})"
             print(
                 f"  [{i}/{len(plan.todo)}] {spec.label} seed {spec.seed}: {status} in {dt:.0f} s; "
                 f"elapsed {time.time() - t_start:.0f} s, ~{eta:.0f} s left",

@@ -41,12 +41,9 @@ def _control_cost(row: dict[str, str], axis: str) -> float:
 
 
 def _control_gain(row: dict[str, str]) -> float | None:
-    """The control's final mean pass@1 over its step-0 mean (0 for a report without the start column
-    whose control reached its final at zero cost; None when unknown)."""
+    """The control's final mean pass@1 over its step-0 mean (None: a report without ``control_start``)."""
     start = _f(row.get("control_start", ""))
-    if not math.isnan(start):
-        return _f(row["control_target"]) - start
-    return 0.0 if any(_control_cost(row, a) == 0 for a in AXES) else None
+    return None if math.isnan(start) else _f(row["control_target"]) - start
 
 
 def _cell_ratio(row: dict[str, str], axis: str) -> str:
