@@ -1,16 +1,17 @@
 """curate-rl: RL post-training of language models where the learning signal is curated.
 
-The package is organised one concept per module:
+One folder per slot of the training step (``docs/architecture.md`` draws the step through them):
 
-- :mod:`components.types`        Prompt, Rollout, Group: the data that flows through one step.
-- :mod:`components.data`         task sources and the LightningDataModule.
-- :mod:`components.rewards`      rewards (the task's own verifier).
-- :mod:`components.engine`       rollout engines (Hugging Face ``generate``; vLLM behind an extra).
-- :mod:`components.advantages`   advantage estimators, pure tensor functions registered by name.
-- :mod:`components.losses`       policy losses and loss aggregation, pure tensor functions.
-- :mod:`components.samplers`     how many rollouts each prompt gets and which are kept.
-- :mod:`components.callbacks`    signal callbacks: group filters and token re-weighting.
-- :mod:`components.module`       the LightningModule that runs one training step.
+- :mod:`components.types`, :mod:`components.errors`, :mod:`components.policy`
+                                 the data of a step, the one-line errors, loading the policy.
+- :mod:`components.data`         task sources, the pass-rate pre-filter, the LightningDataModule.
+- :mod:`components.engines`      rollout engines (Hugging Face ``generate``; vLLM behind an extra).
+- :mod:`components.rewards`      the task's verifier and DRO's R3.
+- :mod:`components.samplers`     how many rollouts each prompt gets and which are kept; hints.
+- :mod:`components.callbacks`    signal callbacks (group filters, prompt and token weights) and run lifecycle.
+- :mod:`components.algos`        pure maths: advantage estimators, policy losses, selection rules.
+- :mod:`components.step`         the LightningModule, the update, and the step's metrics.
+- :mod:`components.analysis`     regimes and warm starts, ablation sweeps, the claims table.
 - :mod:`components.cli`          the ``curate-rl`` LightningCLI.
 """
 

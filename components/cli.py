@@ -31,9 +31,9 @@ from lightning.pytorch.cli import LightningCLI
 
 from components.callbacks.checkpoint import AtomicCheckpointIO, RunCheckpoint
 from components.callbacks.lifecycle import RunGuard, identity_difference, run_identity
-from components.data import PromptDataModule
+from components.data.datamodule import PromptDataModule
 from components.errors import ConfigError, RunAborted, StopRequested
-from components.module import PolicyModule
+from components.step.module import PolicyModule
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     "logger": {
@@ -306,8 +306,8 @@ def _valid_components(msg: str) -> str:
     import pkgutil
 
     import components.samplers
-    from components.engine import RolloutEngine
-    from components.rewards import Reward
+    from components.engines.base import RolloutEngine
+    from components.rewards.verifier import Reward
     from components.samplers.base import Sampler
 
     for mod in pkgutil.iter_modules(components.samplers.__path__):

@@ -29,7 +29,7 @@ class Prompt:
     difficulty slice it belongs to (for per-slice evaluation); ``reference`` is an optional worked
     solution (used by hinting and reference-based rewards). ``answer_marker`` is set when the task
     answers in worked steps: the final answer is the text after the last marker (the verifier reads
-    only that), and everything before it is the reasoning (see ``components.tasks.split_completion``).
+    only that), and everything before it is the reasoning (see ``components.data.tasks.split_completion``).
     ``question`` is the task's bare question
     without the prompt template's instructions (reasoning-gym's ``question``, a file's prompt
     field), or None when unknown: SAGE fills its hint templates with it, not with ``text``.

@@ -11,7 +11,7 @@ tracked in MLflow, summarised as a table (markdown + CSV) and a plot of pass@1 a
 Each run is ``curate-rl fit --config <overlay>... --config <recipe> <extra args after -->`` plus a
 ``BudgetCap`` callback, a step limit that never binds, ``--seed_everything <seed>`` and the MLflow
 logger pointed at ``--tracking-uri`` / ``--experiment``; the run is tagged ``ablation_id``,
-``recipe``, ``seed`` (through ``MLFLOW_RUN_CONTEXT``, see ``components.ablation.fit_command``).
+``recipe``, ``seed`` (through ``MLFLOW_RUN_CONTEXT``, see ``components.analysis.plan.fit_command``).
 Runs execute in this working directory (a config's relative paths, such as a regime's cached model,
 mean what they mean to ``curate-rl fit`` run from here) and write to
 ``<out>/<ablation id>/runs/<label>/seed<k>/`` (checkpoints, outputs, ``fit.log``), so they never share
@@ -59,7 +59,12 @@ import sys
 import time
 from pathlib import Path
 
-from components import ablation as ab
+from components.analysis.comparison import summarize
+from components.analysis.cost_axes import PASS_AT_1, Budget
+from components.analysis.mlflow_io import ablation_runs, load_results, resolve_tracking_uri
+from components.analysis.plan import RunSpec, default_ablation_id, fit_command, plan, regime_files, settings_of
+from components.analysis.recipe_header import controls_by_name, with_controls
+from components.analysis.report import log_summary, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,7 +72,7 @@ PRESETS: dict[str, dict] = {
     "embedded": {
         "recipes": "recipes/*.yaml",
         "seeds": [0, 1, 2],
-        "budget": ab.Budget("tokens", 320_000),
+        "budget": Budget("tokens", 320_000),
         "baseline": "recipes/grpo.yaml",
         "slice": "d2",  # the learnable slice of the embedded mix (1 digit: solved, 3 digits: never)
         "extra": ["--trainer.val_check_interval", "12"],
@@ -75,7 +80,7 @@ PRESETS: dict[str, dict] = {
     "smoke": {
         "recipes": ["recipes/grpo.yaml", "recipes/dr_grpo.yaml"],
         "seeds": [0, 1],
-        "budget": ab.Budget("tokens", 1_500),
+        "budget": Budget("tokens", 1_500),
         "baseline": "recipes/grpo.yaml",
         "slice": "d2",
         "extra": [
@@ -143,14 +148,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.slice = args.slice or preset.get("slice")
     caps = {"tokens": args.max_tokens, "rollouts": args.max_rollouts, "steps": args.max_steps, "train_s": args.max_train_s}
     given = [(k, v) for k, v in caps.items() if v]
-    args.budget = ab.Budget(*given[0]) if given else preset.get("budget")
+    args.budget = Budget(*given[0]) if given else preset.get("budget")
     recipes = args.recipes or preset.get("recipes") or []
     args.recipe_paths = expand_recipes([recipes] if isinstance(recipes, str) else recipes)
     if not (args.no_controls or preset.get("no_controls")):
-        args.recipe_paths = ab.with_controls(args.recipe_paths, ROOT)
+        args.recipe_paths = with_controls(args.recipe_paths, ROOT)
     regimes = args.regime or preset.get("regimes") or []
     try:
-        args.regime_sets = [ab.regime_files(r, ROOT) for r in regimes] or [()]
+        args.regime_sets = [regime_files(r, ROOT) for r in regimes] or [()]
     except ValueError as e:
         ap.error(str(e))
     args.baseline = args.baseline or preset.get("baseline") or (args.recipe_paths[0] if args.recipe_paths else None)
@@ -199,26 +204,26 @@ def run_one(cmd: list[str], env_updates: dict[str, str], run_dir: Path) -> tuple
 def run_ablation(args: argparse.Namespace, client, exp_id: str, settings: str) -> int:
     # Seed-major: an ablation stopped part-way has whole seeds of every recipe, comparable row by row.
     specs = [
-        ab.RunSpec(r, ov, s, rg)
+        RunSpec(r, ov, s, rg)
         for ov in args.overlay_sets
         for rg in args.regime_sets
         for s in args.seeds
         for r in args.recipe_paths
     ]
-    existing = ab.ablation_runs(client, [exp_id], args.ablation_id)
+    existing = ablation_runs(client, [exp_id], args.ablation_id)
     try:
-        plan = ab.plan(specs, existing, args.ablation_id, settings, ROOT)
+        planned = plan(specs, existing, args.ablation_id, settings, ROOT)
     except ValueError as e:
         raise SystemExit(f"ablate: {e}") from None
-    for note in plan.notes:
+    for note in planned.notes:
         print(f"  note: {note}")
     print(
-        f"ablation {args.ablation_id}: {len(specs)} runs ({len(plan.done)} already finished, {len(plan.todo)} to run), "
+        f"ablation {args.ablation_id}: {len(specs)} runs ({len(planned.done)} already finished, {len(planned.todo)} to run), "
         f"budget {args.budget}, {args.jobs} at a time"
     )
-    run_dirs = {spec: Path(args.out) / args.ablation_id / "runs" / spec.label / f"seed{spec.seed}" for spec in plan.todo}
+    run_dirs = {spec: Path(args.out) / args.ablation_id / "runs" / spec.label / f"seed{spec.seed}" for spec in planned.todo}
     cmds = {
-        spec: ab.fit_command(
+        spec: fit_command(
             spec,
             args.budget,
             ablation_id=args.ablation_id,
@@ -230,26 +235,26 @@ def run_ablation(args: argparse.Namespace, client, exp_id: str, settings: str) -
             root=ROOT,
             run_dir=run_dirs[spec],
         )
-        for spec in plan.todo
+        for spec in planned.todo
     }
     if args.dry_run:
         for cmd, env in cmds.values():
             print(f"MLFLOW_RUN_CONTEXT='{env['MLFLOW_RUN_CONTEXT']}'", shlex.join(cmd))
         return 0
-    for rid in plan.stale_run_ids:  # left RUNNING by a killed ablation: it is redone below
+    for rid in planned.stale_run_ids:  # left RUNNING by a killed ablation: it is redone below
         client.set_terminated(rid, "KILLED")
     failed, durations, t_start = [], [], time.time()
     pool = cf.ThreadPoolExecutor(max_workers=max(args.jobs, 1))
-    futures = {pool.submit(run_one, *cmds[s], run_dirs[s]): s for s in plan.todo}
+    futures = {pool.submit(run_one, *cmds[s], run_dirs[s]): s for s in planned.todo}
     try:
         for i, fut in enumerate(cf.as_completed(futures), 1):
             spec = futures[fut]
             rc, dt = fut.result()
             durations.append(dt)
-            eta = sum(durations) / len(durations) * (len(plan.todo) - i) / max(args.jobs, 1)
+            eta = sum(durations) / len(durations) * (len(planned.todo) - i) / max(args.jobs, 1)
             status = "ok" if rc == 0 else f"FAILED (exit {rc}, see {run_dirs[spec] / 'fit.log'})"
             print(
-                f"  [{i}/{len(plan.todo)}] {spec.label} seed {spec.seed}: {status} in {dt:.0f} s; "
+                f"  [{i}/{len(planned.todo)}] {spec.label} seed {spec.seed}: {status} in {dt:.0f} s; "
                 f"elapsed {time.time() - t_start:.0f} s, ~{eta:.0f} s left",
                 flush=True,
             )
@@ -263,9 +268,9 @@ def run_ablation(args: argparse.Namespace, client, exp_id: str, settings: str) -
 
 
 def report(args: argparse.Namespace, client, exp_id: str) -> None:
-    runs = ab.ablation_runs(client, [exp_id], args.ablation_id)
-    metrics = [ab.PASS_AT_1] + ([f"{ab.PASS_AT_1}/{args.slice}"] if args.slice else [])
-    results = ab.load_results(client, runs, metrics)
+    runs = ablation_runs(client, [exp_id], args.ablation_id)
+    metrics = [PASS_AT_1] + ([f"{PASS_AT_1}/{args.slice}"] if args.slice else [])
+    results = load_results(client, runs, metrics)
     if not results:
         print(f"ablate: no finished runs for ablation {args.ablation_id!r} in experiment {args.experiment!r}")
         return
@@ -273,17 +278,17 @@ def report(args: argparse.Namespace, client, exp_id: str) -> None:
     if len(budgets) > 1:
         raise SystemExit(f"ablate: runs with different budgets {sorted(budgets)}: report one ablation id at a time")
     if budgets:
-        budget = ab.Budget.parse(budgets.pop())
+        budget = Budget.parse(budgets.pop())
     elif args.budget is not None:
         budget = args.budget
     else:  # runs not made by ablate.py: compare over the range every run covered
-        budget = ab.Budget("tokens", int(min(r.final_tokens for r in results)))
+        budget = Budget("tokens", int(min(r.final_tokens for r in results)))
         print(f"note: runs carry no budget tag; comparing over the common range, {budget}")
     if args.baseline is None:  # report-only without recipes: grpo when present, else the first
         names = sorted({r.recipe for r in results})
         args.baseline = "grpo" if "grpo" in names else names[0]
-    controls = ab.controls_by_name([str(p) for p in sorted((ROOT / "recipes").glob("*.yaml"))], ROOT)
-    rows = ab.summarize(
+    controls = controls_by_name([str(p) for p in sorted((ROOT / "recipes").glob("*.yaml"))], ROOT)
+    rows = summarize(
         results,
         budget,
         baseline=args.baseline,
@@ -292,24 +297,13 @@ def report(args: argparse.Namespace, client, exp_id: str) -> None:
         controls=controls,
     )
     name = args.ablation_id or args.experiment
-    out = Path(args.out) / name / "report"
-    out.mkdir(parents=True, exist_ok=True)
     title = f"Ablation {name}" if args.ablation_id else f"Experiment {name}"
-    md = ab.to_markdown(rows, budget, title=title, notes=ab.start_mismatches(results))
-    (out / "table.md").write_text(md)
-    (out / "table.csv").write_text(ab.to_csv(rows, budget))
-    ab.plot(results, rows, budget, out / "curves.png", title=name, band=args.band)
-    files = [out / "table.md", out / "table.csv", out / "curves.png"]
-    # Signal health beside pass@1 (issue #11): collapse shows here before it shows in pass@1.
-    from components.signal_health import PLOT_METRICS, plot_signal_health
-
-    series = ab.health_series(client, results, PLOT_METRICS)
-    if any(m.startswith("health/") for s in series.values() for m in s):
-        files.append(plot_signal_health(series, out / "health.png", title=f"{name}: signal health (mean over seeds)"))
+    out = Path(args.out) / name / "report"
+    md, files = write_report(client, results, rows, budget, out, name=name, title=title, band=args.band)
     print(md)
     print(f"report files: {out}/" + ", ".join(f.name for f in files))
     if not args.no_summary_run:
-        rid = ab.log_summary(
+        rid = log_summary(
             client,
             exp_id,
             args.ablation_id,
@@ -323,11 +317,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from mlflow import MlflowClient
 
-    args.tracking_uri = ab.resolve_tracking_uri(args.tracking_uri, Path.cwd())
+    args.tracking_uri = resolve_tracking_uri(args.tracking_uri, Path.cwd())
     client = MlflowClient(args.tracking_uri)
-    settings = ab.settings_of(args.budget, args.extra, args.step_limit) if args.budget else None
+    settings = settings_of(args.budget, args.extra, args.step_limit) if args.budget else None
     if args.ablation_id is None and settings is not None and (not args.report_only or args.preset or args.recipes):
-        args.ablation_id = ab.default_ablation_id(args.preset or "ablation", settings)
+        args.ablation_id = default_ablation_id(args.preset or "ablation", settings)
     exp = client.get_experiment_by_name(args.experiment)
     if exp is None:
         if args.report_only:

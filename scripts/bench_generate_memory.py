@@ -2,7 +2,7 @@
 
 "output_scores" is how the HF engine computed sampling log-probs before (``generate(...,
 output_scores=True)``, every step's full-vocabulary scores kept until the end: O(steps x rows x
-vocab)); "engine" is today's :class:`components.engine.HFEngine` (the chosen token's log-prob
+vocab)); "engine" is today's :class:`components.engines.hf.HFEngine` (the chosen token's log-prob
 recorded step by step: O(rows x vocab)). Each measurement runs in a fresh subprocess on CPU with a
 randomly initialised small Llama whose vocabulary is large (the shape of the problem on real models:
 Qwen2.5's vocabulary is 151,936). The peak is the process's resident-set high-water mark during the
@@ -63,7 +63,8 @@ def _build(vocab: int, width: int):
 def _generate(mode: str, model, tokenizer, batch: int, steps: int) -> None:
     import torch
 
-    from components.engine import HFEngine, SamplingParams
+    from components.engines.base import SamplingParams
+    from components.engines.hf import HFEngine
 
     contexts = [[1, 5 + i % 7, 9, 11] for i in range(batch)]
     if mode == "engine":

@@ -128,9 +128,9 @@ def run_trl(args: argparse.Namespace, phases: Phases, n_steps: int, seed: int, t
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from components.data import PromptDataModule
+    from components.data.datamodule import PromptDataModule
     from components.policy import load_policy
-    from components.rewards import VerifierReward
+    from components.rewards.verifier import VerifierReward
     from components.types import Rollout
 
     dm = PromptDataModule(batch_size=16)

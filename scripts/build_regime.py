@@ -9,7 +9,7 @@ records the build (steps, seconds, stopping pass rates) and the spec's hash; the
 ``configs/regimes/<name>.yaml`` names that folder as ``model.model``. ``--measure`` reports the
 model's initial pass rate per slice on the RL run's own held-out set (data.seed 0, 300 items, 4
 samples at T=1: what the run's step-0 evaluation measures) and the mean completion length.
-From Python (e.g. the ablation runner): ``components.regimes.build_regime(name)``.
+From Python (e.g. the ablation runner): ``components.analysis.regimes.build_regime(name)``.
 """
 
 from __future__ import annotations
@@ -21,14 +21,14 @@ import time
 import torch
 import yaml
 
-from components.regimes import REGIMES, build_regime, cached_report, get_regime
+from components.analysis.regimes import REGIMES, build_regime, cached_report, get_regime
 
 
 def measure(name: str) -> dict:
     """Initial per-slice pass rates and completion lengths of regime ``name``'s model, as an RL run sees them."""
-    from components.data import PromptDataModule, default_tasks
+    from components.analysis.warm_start import measure_pass_rates
+    from components.data.datamodule import PromptDataModule, default_tasks
     from components.policy import load_policy
-    from components.warm_start import measure_pass_rates
 
     reg = get_regime(name)
     model, tok = load_policy(build_regime(name))

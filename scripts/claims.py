@@ -1,5 +1,5 @@
 """Print the claims table: each method against its matched control, on the axis its paper claims,
-with the verdict of `components.claims` (its docstring states the rule).
+with the verdict of `components.analysis.claims` (its docstring states the rule).
 
 Reads the reports `scripts/ablate.py` wrote (`<out>/<ablation id>/report/table.csv`), so it costs
 nothing to re-run:
@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from components.claims import AXES, CLAIMS, CONTROLS, resolved_gap, verdict  # noqa: E402
+from components.analysis.claims import AXES, CLAIMS, CONTROLS, resolved_gap, verdict  # noqa: E402
 
 FINAL = "eval/pass_at_1:final"
 AXIS_NAMES = {"tokens": "drawn tokens", "steps": "steps", "train_s": "train s"}

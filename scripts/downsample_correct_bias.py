@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from components.advantages import pool_mean_advantage
+from components.algos.advantages import pool_mean_advantage
 from components.samplers.ada_seq import ReinforceAdaSeq
 from tests.fakes import ScriptedContext, make_prompts
 

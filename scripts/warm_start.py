@@ -26,9 +26,8 @@ import json
 import torch
 import yaml
 
-from components.data import ReasoningGymTask, default_tasks
-from components.tasks import reasoning_tasks
-from components.warm_start import MODEL_SIZES, WarmStartSpec, warm_start
+from components.analysis.warm_start import MODEL_SIZES, WarmStartSpec, warm_start
+from components.data.datamodule import ReasoningGymTask, default_tasks, reasoning_tasks
 
 NAMED_MIXES = {"default": default_tasks, "reasoning": reasoning_tasks}
 

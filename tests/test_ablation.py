@@ -1,4 +1,4 @@
-"""Ablation runner and comparison (components/ablation.py, scripts/ablate.py).
+"""Ablation runner and comparison (components/analysis/, scripts/ablate.py).
 
 One small real ablation (grpo and dr_grpo x 2 seeds, a token cap of a few steps on a small pool)
 is shared by the integration tests through a module-scoped fixture; it costs four ``curate-rl fit``
@@ -18,7 +18,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from components import ablation as ab
+from components.analysis.comparison import auc, crossing, mean_curve, mean_std, start_mismatches, summarize, x_at, x_at_target
+from components.analysis.cost_axes import CUM_ROLLOUTS, CUM_TOKENS, CUM_TOKENS_NZ, CUM_TRAIN_S, OPEN_FRAC, PASS_AT_1, Budget
+from components.analysis.curves import health_series
+from components.analysis.mlflow_io import Curve, RunResult, eval_points, load_results, search_all, step_histories
+from components.analysis.plan import BUDGET_CAP, RunSpec, fit_command, plan, regime_files, settings_of
+from components.analysis.report import to_csv, to_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 ABLATE = ROOT / "scripts" / "ablate.py"
@@ -37,7 +42,7 @@ def _ablate(tmp: Path, *more: str) -> subprocess.CompletedProcess:
 
 
 def _train_runs(client, exp_id: str) -> list:
-    return [r for r in ab.search_all(client, [exp_id]) if r.data.tags.get("kind") == "train"]
+    return [r for r in search_all(client, [exp_id]) if r.data.tags.get("kind") == "train"]
 
 
 def _hist(client, run_id: str, key: str) -> list:
@@ -62,13 +67,13 @@ def test_budget_cap_stops_real_runs_at_the_cap_with_a_final_eval(ablation):
     assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
     off_interval = 0
     for r in runs:
-        cum = _hist(client, r.info.run_id, ab.CUM_TOKENS)
+        cum = _hist(client, r.info.run_id, CUM_TOKENS)
         draws = _hist(client, r.info.run_id, "budget/tokens")
         assert len(cum) >= 3, "a few steps are expected under this cap"
         assert cum[-1].value >= CAP, "stopped before the cap"
         assert cum[-1].value < CAP + draws[-1].value, "ran past the step that crossed the cap"
         assert cum[-2].value < CAP, "did not stop at the first step that crossed the cap"
-        evals = _hist(client, r.info.run_id, ab.PASS_AT_1)
+        evals = _hist(client, r.info.run_id, PASS_AT_1)
         assert evals[-1].step == cum[-1].step, "no held-out eval at the budget stop"
         off_interval += (cum[-1].step + 1) % 2 != 0  # val_check_interval 2: an eval here comes from the stop
     # Lightning validates when a callback sets should_stop; at least one run must show it off the interval.
@@ -77,13 +82,13 @@ def test_budget_cap_stops_real_runs_at_the_cap_with_a_final_eval(ablation):
 
 # ---- (2) the table equals numbers recomputed from the metric histories; re-running skips ----------
 def _independent(client, run) -> dict:
-    """Per-run numbers straight from MLflow, without components.ablation."""
+    """Per-run numbers straight from MLflow, without components.analysis."""
     rid = run.info.run_id
-    cum = _hist(client, rid, ab.CUM_TOKENS)
-    rol = {m.step: m.value for m in _hist(client, rid, ab.CUM_ROLLOUTS)}
+    cum = _hist(client, rid, CUM_TOKENS)
+    rol = {m.step: m.value for m in _hist(client, rid, CUM_ROLLOUTS)}
     tok = {m.step: m.value for m in cum}
     out = {}
-    for key in (ab.PASS_AT_1, ab.PASS_AT_1 + "/d2"):
+    for key in (PASS_AT_1, PASS_AT_1 + "/d2"):
         pts = []
         for m in _hist(client, rid, key):
             before_training = m.step == 0 and m.timestamp < cum[0].timestamp
@@ -97,8 +102,8 @@ def _independent(client, run) -> dict:
             ye = y0 + (y1 - y0) * (xe - x0) / (x1 - x0)
             area += (y0 + ye) / 2 * (xe - x0)
         out[key] = {"final": ys[-1], "best": max(ys), "auc": area / CAP, "pts": pts}
-    out["nz"] = run.data.metrics[ab.CUM_TOKENS_NZ] / cum[-1].value
-    out["open"] = float(np.mean([m.value for m in _hist(client, rid, ab.OPEN_FRAC)]))
+    out["nz"] = run.data.metrics[CUM_TOKENS_NZ] / cum[-1].value
+    out["open"] = float(np.mean([m.value for m in _hist(client, rid, OPEN_FRAC)]))
     return out
 
 
@@ -121,8 +126,8 @@ def test_table_equals_numbers_recomputed_from_metric_histories(ablation):
     table = {row["recipe"]: row for row in csv.DictReader((ablation.tmp / "out/t1/report/table.csv").open())}
     assert set(table) == {"grpo", "dr_grpo"} and table["grpo"]["baseline"] == "1"
     per = {name: [_independent(client, r) for r in runs if r.data.tags["ablation_recipe"] == name] for name in table}
-    end = max(p[0] for rs in per.values() for r in rs for p in r[ab.PASS_AT_1]["pts"])
-    for key in (ab.PASS_AT_1, ab.PASS_AT_1 + "/d2"):
+    end = max(p[0] for rs in per.values() for r in rs for p in r[PASS_AT_1]["pts"])
+    for key in (PASS_AT_1, PASS_AT_1 + "/d2"):
         target = float(np.mean([r[key]["final"] for r in per["grpo"]]))
         base_cross = _mean_curve_cross([r[key]["pts"] for r in per["grpo"]], target, end)
         for name, rs in per.items():
@@ -146,13 +151,13 @@ def test_table_equals_numbers_recomputed_from_metric_histories(ablation):
         assert float(table[name]["nonzero_token_share_mean"]) == pytest.approx(np.mean([r["nz"] for r in rs]), abs=1e-12)
         assert float(table[name]["open_frac_mean"]) == pytest.approx(np.mean([r["open"] for r in rs]), abs=1e-12)
     # The report went to a summary run too.
-    summaries = [r for r in ab.search_all(client, [ablation.exp_id], "tags.kind = 'summary'")]
+    summaries = [r for r in search_all(client, [ablation.exp_id], "tags.kind = 'summary'")]
     assert summaries and summaries[0].data.tags["ablation_id"] == "t1"
     names = {a.path for a in client.list_artifacts(summaries[0].info.run_id)}
     assert {"table.md", "table.csv", "curves.png", "health.png"} <= names
     # The health plot's input: per-step means over the seeds, recomputed from the histories.
-    results = ab.load_results(client, runs)
-    series = ab.health_series(client, results, ["health/distinct_completion_frac"])
+    results = load_results(client, runs)
+    series = health_series(client, results, ["health/distinct_completion_frac"])
     for name in ("grpo", "dr_grpo"):
         pts = series[name]["health/distinct_completion_frac"]
         rids = [r.info.run_id for r in runs if r.data.tags["ablation_recipe"] == name]
@@ -183,26 +188,26 @@ def test_rerun_skips_finished_runs_and_report_only_prints_the_same_table(ablatio
 # ---- (3) curve arithmetic on hand-made curves ---------------------------------------------------
 def test_auc_is_the_mean_of_the_piecewise_linear_curve_over_the_budget():
     x, y = np.array([0.0, 100.0, 200.0]), np.array([0.0, 1.0, 1.0])
-    assert ab.auc(x, y, 200) == pytest.approx(0.75)  # 50 (triangle) + 100 (rectangle) over 200
-    assert ab.auc(x, y, 100) == pytest.approx(0.5)
+    assert auc(x, y, 200) == pytest.approx(0.75)  # 50 (triangle) + 100 (rectangle) over 200
+    assert auc(x, y, 100) == pytest.approx(0.5)
     # Overshoot past the budget is cut at the budget (interpolated), not counted.
-    assert ab.auc(np.array([0.0, 120.0]), np.array([0.0, 1.2]), 100) == pytest.approx(0.5)
+    assert auc(np.array([0.0, 120.0]), np.array([0.0, 1.2]), 100) == pytest.approx(0.5)
     # No start eval: held flat back to 0; curve ending early: held flat to the budget.
-    assert ab.auc(np.array([50.0, 100.0]), np.array([0.4, 0.4]), 200) == pytest.approx(0.4)
-    assert ab.auc(np.array([0.0, 100.0]), np.array([0.2, 0.6]), 200) == pytest.approx((0.4 * 100 + 0.6 * 100) / 200)
+    assert auc(np.array([50.0, 100.0]), np.array([0.4, 0.4]), 200) == pytest.approx(0.4)
+    assert auc(np.array([0.0, 100.0]), np.array([0.2, 0.6]), 200) == pytest.approx((0.4 * 100 + 0.6 * 100) / 200)
 
 
 def test_tokens_to_target_interpolates_between_eval_points():
     x, y = np.array([0.0, 100.0, 200.0, 300.0]), np.array([0.2, 0.3, 0.5, 0.4])
-    assert ab.x_at_target(x, y, 0.4) == pytest.approx(150.0)
-    assert ab.x_at_target(x, y, 0.5) == pytest.approx(200.0)
-    assert ab.x_at_target(x, y, 0.2) == pytest.approx(0.0)  # already there at the start
-    assert ab.x_at_target(x, y, 0.51) is None  # never reached
+    assert x_at_target(x, y, 0.4) == pytest.approx(150.0)
+    assert x_at_target(x, y, 0.5) == pytest.approx(200.0)
+    assert x_at_target(x, y, 0.2) == pytest.approx(0.0)  # already there at the start
+    assert x_at_target(x, y, 0.51) is None  # never reached
     # The first crossing counts, even if the curve dips after it; the same crossing on the rollout axis.
-    cross = ab.crossing(np.array([0.1, 0.3, 0.1, 0.3]), 0.2)
+    cross = crossing(np.array([0.1, 0.3, 0.1, 0.3]), 0.2)
     assert cross == (1, pytest.approx(0.5))
-    assert ab.x_at(np.array([0.0, 64.0, 128.0, 192.0]), cross) == pytest.approx(32.0)
-    assert ab.x_at_target(x, y, 0.5 + 1e-12) == pytest.approx(200.0)  # float noise still reaches
+    assert x_at(np.array([0.0, 64.0, 128.0, 192.0]), cross) == pytest.approx(32.0)
+    assert x_at_target(x, y, 0.5 + 1e-12) == pytest.approx(200.0)  # float noise still reaches
 
 
 def test_eval_points_place_the_start_eval_at_zero_and_others_after_their_step():
@@ -211,34 +216,34 @@ def test_eval_points_place_the_start_eval_at_zero_and_others_after_their_step():
         "rollouts": [(0, 1000, 4.0), (1, 2000, 8.0), (2, 3000, 12.0)],
     }
     evals = [(0, 500, 0.1), (1, 2100, 0.2), (2, 3050, 0.3)]  # start eval (before step 0's metrics), after step 1, at the stop
-    xs, ys = ab.eval_points(evals, cum)
+    xs, ys = eval_points(evals, cum)
     assert xs["tokens"].tolist() == [0.0, 20.0, 30.0] and xs["rollouts"].tolist() == [0.0, 8.0, 12.0]
     assert ys.tolist() == [0.1, 0.2, 0.3]
     # val_check_interval 1: two evals logged at step 0, told apart by time.
-    xs, ys = ab.eval_points([(0, 1500, 0.25), (0, 500, 0.1)], cum)
+    xs, ys = eval_points([(0, 1500, 0.25), (0, 500, 0.1)], cum)
     assert xs["tokens"].tolist() == [0.0, 10.0] and ys.tolist() == [0.1, 0.25]
 
 
 def test_mean_std_and_mean_curve_on_a_common_grid():
-    assert ab.mean_std([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2)))
-    m, s = ab.mean_std([0.5])
+    assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2)))
+    m, s = mean_std([0.5])
     assert m == 0.5 and math.isnan(s)
-    a = ab.Curve(np.array([0.0, 100.0]), np.array([0.0, 10.0]), np.array([0.0, 1.0]))
-    b = ab.Curve(np.array([0.0, 50.0, 110.0]), np.array([0.0, 5.0, 11.0]), np.array([0.2, 0.2, 0.2]))
-    mc = ab.mean_curve([a, b], "tokens", np.array([0.0, 50.0, 100.0, 110.0]))
+    a = Curve(np.array([0.0, 100.0]), np.array([0.0, 10.0]), np.array([0.0, 1.0]))
+    b = Curve(np.array([0.0, 50.0, 110.0]), np.array([0.0, 5.0, 11.0]), np.array([0.2, 0.2, 0.2]))
+    mc = mean_curve([a, b], "tokens", np.array([0.0, 50.0, 100.0, 110.0]))
     assert mc["mean"].tolist() == pytest.approx([0.1, 0.35, 0.6, 0.6])  # a is held at 1.0 past its end
     assert mc["min"].tolist() == pytest.approx([0.0, 0.2, 0.2, 0.2]) and mc["max"].tolist() == pytest.approx([0.2, 0.5, 1.0, 1.0])
     assert mc["rollouts"].tolist() == pytest.approx([0.0, 5.0, 10.0, 10.5])
 
 
-def _result(recipe: str, seed: int, xs: list[float], ys: list[float], variant: str = "") -> ab.RunResult:
+def _result(recipe: str, seed: int, xs: list[float], ys: list[float], variant: str = "") -> RunResult:
     x = np.array(xs)
-    c = ab.Curve(x, x / 4, np.array(ys))
-    return ab.RunResult(f"{recipe}{seed}", recipe, variant, str(seed), {ab.PASS_AT_1: c}, x[-1], x[-1] / 4, 0.5, 0.4, 10.0, 5.0)
+    c = Curve(x, x / 4, np.array(ys))
+    return RunResult(f"{recipe}{seed}", recipe, variant, str(seed), {PASS_AT_1: c}, x[-1], x[-1] / 4, 0.5, 0.4, 10.0, 5.0)
 
 
 def test_summarize_target_ratio_and_reached_counts():
-    budget = ab.Budget("tokens", 200)
+    budget = Budget("tokens", 200)
     results = [
         _result("grpo", 0, [0, 100, 200], [0.2, 0.3, 0.4]),
         _result("grpo", 1, [0, 100, 200], [0.2, 0.3, 0.6]),  # baseline final mean 0.5 = the target
@@ -246,7 +251,7 @@ def test_summarize_target_ratio_and_reached_counts():
         _result("fast", 1, [0, 100, 200], [0.2, 0.4, 0.6]),
         _result("slow", 0, [0, 100, 200], [0.2, 0.2, 0.2]),
     ]
-    rows = ab.summarize(results, budget, baseline="recipes/grpo.yaml")
+    rows = summarize(results, budget, baseline="recipes/grpo.yaml")
     by = {r.recipe: r for r in rows}
     assert [r.recipe for r in rows] == ["grpo", "fast", "slow"] and by["grpo"].is_baseline
     g, f, s = by["grpo"].blocks[0], by["fast"].blocks[0], by["slow"].blocks[0]
@@ -260,11 +265,11 @@ def test_summarize_target_ratio_and_reached_counts():
     assert f.tokens_to_target == pytest.approx(100.0) and f.ratio == pytest.approx(0.5) and f.seeds_reached == 2
     assert s.tokens_to_target is None and s.ratio is None and s.seeds_reached == 0
     assert f.auc[0] == pytest.approx(
-        np.mean([ab.auc([0, 100, 200], [0.2, 0.6, 0.6], 200), ab.auc([0, 100, 200], [0.2, 0.4, 0.6], 200)])
+        np.mean([auc([0, 100, 200], [0.2, 0.6, 0.6], 200), auc([0, 100, 200], [0.2, 0.4, 0.6], 200)])
     )
     # An explicit target overrides the baseline's final.
-    assert ab.summarize(results, budget, baseline="grpo", target=0.3)[0].blocks[0].tokens_to_target == pytest.approx(100.0)
-    md, text = ab.to_markdown(rows, budget), ab.to_csv(rows)
+    assert summarize(results, budget, baseline="grpo", target=0.3)[0].blocks[0].tokens_to_target == pytest.approx(100.0)
+    md, text = to_markdown(rows, budget), to_csv(rows)
     assert "| **grpo** | 2 |" in md and "not reached (0/1)" in md
     assert (
         next(r for r in csv.DictReader(text.splitlines()) if r["recipe"] == "fast")["eval/pass_at_1:ratio_to_baseline"] == "0.5"
@@ -272,45 +277,45 @@ def test_summarize_target_ratio_and_reached_counts():
 
 
 def test_variants_compare_against_the_baseline_of_their_own_overlays():
-    budget = ab.Budget("tokens", 100)
+    budget = Budget("tokens", 100)
     results = [_result("grpo", 0, [0, 100], [0.0, 1.0], "g4"), _result("x", 0, [0, 100], [0.0, 1.0], "g4"),
                _result("grpo", 0, [0, 100], [0.0, 0.5], "g8"), _result("x", 0, [0, 100], [0.0, 0.5], "g8")]  # fmt: skip
-    rows = ab.summarize(results, budget, baseline="grpo")
+    rows = summarize(results, budget, baseline="grpo")
     assert [(r.variant, r.recipe, r.is_baseline) for r in rows] == [("g4", "grpo", True), ("g4", "x", False),
                                                                     ("g8", "grpo", True), ("g8", "x", False)]  # fmt: skip
     assert [r.blocks[0].target for r in rows] == [1.0, 1.0, 0.5, 0.5]
 
 
 # ---- planning and command lines -----------------------------------------------------------------
-def _fake_run(spec: ab.RunSpec, status: str, settings: str, sha: str | None = None, rid: str = "r") -> SimpleNamespace:
+def _fake_run(spec: RunSpec, status: str, settings: str, sha: str | None = None, rid: str = "r") -> SimpleNamespace:
     tags = {"ablation_key": spec.key, "ablation_settings": settings, "ablation_files_sha": sha or spec.files_sha(ROOT)}
     return SimpleNamespace(info=SimpleNamespace(status=status, run_id=rid), data=SimpleNamespace(tags=tags))
 
 
 def test_plan_skips_finished_and_redoes_unfinished_or_changed_runs():
-    settings = ab.settings_of(ab.Budget("tokens", 100), [], 10)
-    a, b, c, d = (ab.RunSpec("recipes/grpo.yaml", (), s) for s in range(4))
+    settings = settings_of(Budget("tokens", 100), [], 10)
+    a, b, c, d = (RunSpec("recipes/grpo.yaml", (), s) for s in range(4))
     runs = [_fake_run(a, "FINISHED", settings), _fake_run(b, "RUNNING", settings, rid="stale"),
             _fake_run(c, "FAILED", settings), _fake_run(d, "FINISHED", settings, sha="old")]  # fmt: skip
-    p = ab.plan([a, b, c, d], runs, "x", settings, ROOT)
+    p = plan([a, b, c, d], runs, "x", settings, ROOT)
     assert p.done == [a] and p.todo == [b, c, d] and p.stale_run_ids == ["stale"]
     assert len(p.notes) == 1 and "changed" in p.notes[0]
-    other = ab.settings_of(ab.Budget("tokens", 200), [], 10)
+    other = settings_of(Budget("tokens", 200), [], 10)
     with pytest.raises(ValueError, match="other settings"):
-        ab.plan([a], [_fake_run(a, "FINISHED", other)], "x", settings, ROOT)
+        plan([a], [_fake_run(a, "FINISHED", other)], "x", settings, ROOT)
 
 
 def test_fit_command_appends_the_cap_and_tags_the_run_exactly():
     import json
 
-    spec = ab.RunSpec("recipes/dr_grpo.yaml", ("configs/cpu-tiny.yaml",), 3)
-    settings = ab.settings_of(ab.Budget("rollouts", 5000), ["--data.train_size", "200"], 99)
-    cmd, env = ab.fit_command(spec, ab.Budget("rollouts", 5000), ablation_id="1e3", tracking_uri="sqlite:////x/m.db",
+    spec = RunSpec("recipes/dr_grpo.yaml", ("configs/cpu-tiny.yaml",), 3)
+    settings = settings_of(Budget("rollouts", 5000), ["--data.train_size", "200"], 99)
+    cmd, env = fit_command(spec, Budget("rollouts", 5000), ablation_id="1e3", tracking_uri="sqlite:////x/m.db",
                               experiment="e", settings=settings, extra_args=["--data.train_size", "200"], max_steps=99, root=ROOT)  # fmt: skip
     configs = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--config"]
     assert configs == [str(ROOT / "configs/cpu-tiny.yaml"), str(ROOT / "recipes/dr_grpo.yaml")]
     cap = next(a for a in cmd if a.startswith("--trainer.callbacks+="))
-    assert json.loads(cap.split("=", 1)[1]) == {"class_path": ab.BUDGET_CAP, "init_args": {"max_rollouts": 5000}}
+    assert json.loads(cap.split("=", 1)[1]) == {"class_path": BUDGET_CAP, "init_args": {"max_rollouts": 5000}}
     assert cmd.index("--data.train_size") < cmd.index(cap), "the ablation's settings must come last"
     assert cmd[cmd.index("--seed_everything") + 1] == "3" and cmd[cmd.index("--trainer.max_steps") + 1] == "99"
     tags = json.loads(env["MLFLOW_RUN_CONTEXT"])
@@ -321,9 +326,9 @@ def test_fit_command_appends_the_cap_and_tags_the_run_exactly():
 def test_fit_command_sends_outputs_to_the_run_dir_and_keeps_relative_inputs(tmp_path):
     """Runs execute in the caller's folder (a regime's relative model path resolves as it does for
     ``curate-rl fit``) and write only under their own run_dir; extra args may still override."""
-    spec = ab.RunSpec("recipes/grpo.yaml", ("configs/regimes/sparse.yaml",), 0)
-    settings = ab.settings_of(ab.Budget("steps", 4), [], 4)
-    cmd, _ = ab.fit_command(spec, ab.Budget("steps", 4), ablation_id="a", tracking_uri="sqlite:////x.db", experiment="e",
+    spec = RunSpec("recipes/grpo.yaml", ("configs/regimes/sparse.yaml",), 0)
+    settings = settings_of(Budget("steps", 4), [], 4)
+    cmd, _ = fit_command(spec, Budget("steps", 4), ablation_id="a", tracking_uri="sqlite:////x.db", experiment="e",
                             settings=settings, extra_args=["--checkpoint.dirpath", "mine"], root=ROOT, run_dir=tmp_path / "r")  # fmt: skip
     out = tmp_path / "r"
     assert cmd[cmd.index("--trainer.default_root_dir") + 1] == str(out)
@@ -347,28 +352,26 @@ def test_presets_resolve_recipes_by_glob():
 
 def test_a_start_eval_that_differs_between_recipes_is_flagged():
     same = [_result("grpo", 0, [0, 100], [0.2, 0.3]), _result("x", 0, [0, 100], [0.2, 0.5])]
-    assert ab.start_mismatches(same) == []
+    assert start_mismatches(same) == []
     changed = [*same, _result("y", 0, [0, 100], [0.3, 0.5]), _result("y", 1, [0, 100], [0.9, 0.5])]
-    notes = ab.start_mismatches(changed)
+    notes = start_mismatches(changed)
     assert len(notes) == 1 and notes[0].startswith("seed 0") and "y 0.300" in notes[0]
-    assert "**Warning:** seed 0" in ab.to_markdown(
-        ab.summarize(changed, ab.Budget("tokens", 100)), ab.Budget("tokens", 100), notes=notes
-    )
+    assert "**Warning:** seed 0" in to_markdown(summarize(changed, Budget("tokens", 100)), Budget("tokens", 100), notes=notes)
 
 
 # ---- matched controls, three cost axes, regimes, budgets on any axis -----------------------------
 def _result3(recipe: str, seed: int, steps: list[float], ys: list[float], tok_per_step: float, s_per_step: float,
-             variant: str = "") -> ab.RunResult:  # fmt: skip
+             variant: str = "") -> RunResult:  # fmt: skip
     st = np.array(steps, dtype=float)
-    c = ab.Curve(st * tok_per_step, st * tok_per_step / 4, np.array(ys), st, st * s_per_step)
-    return ab.RunResult(f"{recipe}{seed}", recipe, variant, str(seed), {ab.PASS_AT_1: c}, st[-1] * tok_per_step,
+    c = Curve(st * tok_per_step, st * tok_per_step / 4, np.array(ys), st, st * s_per_step)
+    return RunResult(f"{recipe}{seed}", recipe, variant, str(seed), {PASS_AT_1: c}, st[-1] * tok_per_step,
                         st[-1] * tok_per_step / 4, 0.5, 0.4, 10.0, st[-1] * s_per_step, final_steps=st[-1])  # fmt: skip
 
 
 def test_each_recipe_is_compared_to_its_matched_control_on_three_axes():
     """A method that reaches the control's final in half the steps, but draws 3x the tokens per step
     and takes 2x the seconds per step: 0.5x on steps, 1.5x on tokens, 1.0x on train seconds."""
-    budget = ab.Budget("steps", 10)
+    budget = Budget("steps", 10)
     results = [
         _result3("grpo_n4", 0, [0, 5, 10], [0.2, 0.3, 0.4], 100, 1.0),
         _result3("grpo_n4", 1, [0, 5, 10], [0.2, 0.3, 0.4], 100, 1.0),
@@ -376,7 +379,7 @@ def test_each_recipe_is_compared_to_its_matched_control_on_three_axes():
         _result3("ada_seq", 1, [0, 5, 10], [0.2, 0.4, 0.5], 300, 2.0),
         _result3("grpo", 0, [0, 10], [0.2, 0.3], 200, 1.0),
     ]
-    rows = ab.summarize(results, budget, baseline="grpo", controls={"ada_seq": "grpo_n4", "grpo_n4": "grpo"})
+    rows = summarize(results, budget, baseline="grpo", controls={"ada_seq": "grpo_n4", "grpo_n4": "grpo"})
     by = {r.recipe: r for r in rows}
     c = by["ada_seq"].control
     assert c.control == "grpo_n4" and c.target == pytest.approx(0.4)
@@ -386,28 +389,28 @@ def test_each_recipe_is_compared_to_its_matched_control_on_three_axes():
     assert c.seeds_reached == 2 and c.final_delta == pytest.approx(0.1)
     assert by["grpo_n4"].control.control == "grpo" and by["grpo_n4"].control.target == pytest.approx(0.3)
     assert by["grpo"].control is None  # no control of its own
-    md = ab.to_markdown(rows, budget)
+    md = to_markdown(rows, budget)
     assert "| ada_seq | grpo_n4 | 0.400 | 1500 (1.50×) | 5 (0.50×) | 10 (1.00×) | 2/2 | +0.100 |" in md
-    row = next(r for r in csv.DictReader(ab.to_csv(rows).splitlines()) if r["recipe"] == "ada_seq")
+    row = next(r for r in csv.DictReader(to_csv(rows).splitlines()) if r["recipe"] == "ada_seq")
     assert row["control"] == "grpo_n4" and float(row["steps_to_control_target_ratio"]) == pytest.approx(0.5)
 
 
 def test_a_control_that_did_not_run_in_the_same_variant_gives_no_comparison():
-    budget = ab.Budget("tokens", 100)
+    budget = Budget("tokens", 100)
     results = [_result("dapo", 0, [0, 100], [0.1, 0.2], "dense"), _result("grpo_dapo", 0, [0, 100], [0.1, 0.3], "sparse")]
-    rows = ab.summarize(results, budget, controls={"dapo": "grpo_dapo"})
+    rows = summarize(results, budget, controls={"dapo": "grpo_dapo"})
     assert all(r.control is None for r in rows)
 
 
 def test_budgets_cap_on_any_axis():
-    assert ab.Budget("steps", 40).cap_args(10**6) == (None, 40)  # a step budget is the trainer's own limit
-    assert ab.Budget("train_s", 90).cap_args(10**6) == ({"max_train_s": 90}, 10**6)
-    assert ab.Budget("tokens", 5).cap_args(7) == ({"max_tokens": 5}, 7)
+    assert Budget("steps", 40).cap_args(10**6) == (None, 40)  # a step budget is the trainer's own limit
+    assert Budget("train_s", 90).cap_args(10**6) == ({"max_train_s": 90}, 10**6)
+    assert Budget("tokens", 5).cap_args(7) == ({"max_tokens": 5}, 7)
     with pytest.raises(ValueError, match="budget kind"):
-        ab.Budget("seconds", 5)
-    spec = ab.RunSpec("recipes/grpo.yaml", (), 0)
-    settings = ab.settings_of(ab.Budget("steps", 40), [], 10**6)
-    cmd, _ = ab.fit_command(spec, ab.Budget("steps", 40), ablation_id="a", tracking_uri="sqlite:////x.db", experiment="e",
+        Budget("seconds", 5)
+    spec = RunSpec("recipes/grpo.yaml", (), 0)
+    settings = settings_of(Budget("steps", 40), [], 10**6)
+    cmd, _ = fit_command(spec, Budget("steps", 40), ablation_id="a", tracking_uri="sqlite:////x.db", experiment="e",
                             settings=settings, root=ROOT)  # fmt: skip
     assert not any(a.startswith("--trainer.callbacks+=") for a in cmd) and cmd[cmd.index("--trainer.max_steps") + 1] == "40"
 
@@ -440,19 +443,19 @@ def test_regimes_are_overlays_after_the_recipe_and_name_the_variant(tmp_path):
     for name in ("sparse", "filtered_ada"):
         (tmp_path / "configs" / "regimes" / f"{name}.yaml").write_text("data: {}\n")
     (tmp_path / "r.yaml").write_text("model: {}\n")
-    files = ab.regime_files("sparse+filtered_ada", tmp_path)
+    files = regime_files("sparse+filtered_ada", tmp_path)
     assert files == ("configs/regimes/sparse.yaml", "configs/regimes/filtered_ada.yaml")
     with pytest.raises(ValueError, match="valid: filtered_ada, sparse"):
-        ab.regime_files("nope", tmp_path)
-    spec = ab.RunSpec("r.yaml", (), 1, files)
+        regime_files("nope", tmp_path)
+    spec = RunSpec("r.yaml", (), 1, files)
     assert spec.configs == ("r.yaml", *files) and spec.variant == "sparse+filtered_ada" and spec.label == "r+sparse+filtered_ada"
-    cmd, env = ab.fit_command(spec, ab.Budget("tokens", 9), ablation_id="a", tracking_uri="sqlite:////x.db", experiment="e",
+    cmd, env = fit_command(spec, Budget("tokens", 9), ablation_id="a", tracking_uri="sqlite:////x.db", experiment="e",
                               settings="s", root=tmp_path)  # fmt: skip
     assert [cmd[i + 1] for i, a in enumerate(cmd) if a == "--config"] == [str(tmp_path / f) for f in ("r.yaml", *files)]
     import json
 
     assert json.loads(env["MLFLOW_RUN_CONTEXT"])["ablation_variant"] == "sparse+filtered_ada"
-    assert ab.RunSpec("r.yaml", (), 1).key != spec.key and "regime" not in ab.RunSpec("r.yaml", (), 1).key
+    assert RunSpec("r.yaml", (), 1).key != spec.key and "regime" not in RunSpec("r.yaml", (), 1).key
 
 
 def test_the_runner_adds_each_recipes_control_and_selects_regimes():
@@ -462,23 +465,23 @@ def test_the_runner_adds_each_recipes_control_and_selects_regimes():
     script = importlib.util.module_from_spec(mod_spec)
     mod_spec.loader.exec_module(script)
     args = script.parse_args(["--recipes", "recipes/dapo.yaml", "--max-steps", "30"])
-    assert args.recipe_paths == ["recipes/grpo_dapo.yaml", "recipes/dapo.yaml"] and args.budget == ab.Budget("steps", 30)
+    assert args.recipe_paths == ["recipes/grpo_dapo.yaml", "recipes/dapo.yaml"] and args.budget == Budget("steps", 30)
     alone = script.parse_args(["--recipes", "recipes/dapo.yaml", "--max-train-s", "60", "--no-controls"])
-    assert alone.recipe_paths == ["recipes/dapo.yaml"] and alone.budget == ab.Budget("train_s", 60)
+    assert alone.recipe_paths == ["recipes/dapo.yaml"] and alone.budget == Budget("train_s", 60)
     with pytest.raises(SystemExit):
         script.parse_args(["--recipes", "recipes/dapo.yaml", "--max-steps", "3", "--regime", "no_such_regime"])
 
 
 def test_step_histories_count_steps_and_sum_train_seconds_when_not_logged():
     hist = {
-        ab.CUM_TOKENS: [(1, 10, 100.0), (2, 20, 250.0)],
-        ab.CUM_ROLLOUTS: [(1, 10, 8.0), (2, 20, 16.0)],
+        CUM_TOKENS: [(1, 10, 100.0), (2, 20, 250.0)],
+        CUM_ROLLOUTS: [(1, 10, 8.0), (2, 20, 16.0)],
         "time/generate_s": [(1, 10, 1.0), (2, 20, 2.0)],
         "time/update_s": [(1, 10, 0.5), (2, 20, 0.5)],
     }
     client = SimpleNamespace(get_metric_history=lambda rid, key: [SimpleNamespace(step=s, timestamp=t, value=v)
                                                                     for s, t, v in hist.get(key, [])])  # fmt: skip
-    h = ab.step_histories(client, "r")
+    h = step_histories(client, "r")
     assert [v for _, _, v in h["steps"]] == [1.0, 2.0] and [v for _, _, v in h["train_s"]] == [1.5, 4.0]
-    hist[ab.CUM_TRAIN_S] = [(1, 10, 1.2), (2, 20, 3.3)]  # the module's own count wins
-    assert [v for _, _, v in ab.step_histories(client, "r")["train_s"]] == [1.2, 3.3]
+    hist[CUM_TRAIN_S] = [(1, 10, 1.2), (2, 20, 3.3)]  # the module's own count wins
+    assert [v for _, _, v in step_histories(client, "r")["train_s"]] == [1.2, 3.3]

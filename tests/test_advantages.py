@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from components.advantages import ADVANTAGES, get_advantage
+from components.algos.advantages import ADVANTAGES, get_advantage
 from components.errors import ConfigError
 
 R = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.5])

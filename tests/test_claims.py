@@ -1,4 +1,4 @@
-"""The claims table's verdict rule (components/claims.py) and its script, on hand numbers."""
+"""The claims table's verdict rule (components/analysis/claims.py) and its script, on hand numbers."""
 
 from __future__ import annotations
 
@@ -8,17 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from components import ablation as ab
-from components.claims import CLAIMS, CONTROLS, Claim, resolved_gap, verdict
+from components.analysis.claims import CLAIMS, CONTROLS, Claim, resolved_gap, verdict
+from components.analysis.cost_axes import AXES
+from components.analysis.recipe_header import recipe_header
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_every_recipe_with_a_control_has_a_claims_entry():
     recipes = sorted((ROOT / "recipes").glob("*.yaml"))
-    with_control = {p.stem for p in recipes if ab.recipe_header(p, ROOT).control}
+    with_control = {p.stem for p in recipes if recipe_header(p, ROOT).control}
     missing = with_control - set(CLAIMS) - CONTROLS
-    assert not missing, f"add these recipes to components.claims.CLAIMS (None for ours): {sorted(missing)}"
+    assert not missing, f"add these recipes to components.analysis.claims.CLAIMS (None for ours): {sorted(missing)}"
     assert not set(CLAIMS) & CONTROLS
 
 
@@ -85,8 +86,8 @@ def test_script_reads_a_report_and_prints_one_row_per_claim(tmp_path, capsys):
     spec.loader.exec_module(mod)
     head = ["variant", "recipe", "n_seeds", "eval/pass_at_1:final_mean", "eval/pass_at_1:final_std", "control",
             "control_seeds_reached", "control_final_delta"]  # fmt: skip
-    head += [f"{a}_to_control_target_ratio" for a in ab.AXES]
-    head += [f"{a}_to_control_target_control" for a in ab.AXES] + ["control_target", "control_start"]
+    head += [f"{a}_to_control_target_ratio" for a in AXES]
+    head += [f"{a}_to_control_target_control" for a in AXES] + ["control_target", "control_start"]
     rows = [
         ["", "grpo_dapo", "3", "0.354", "0.005", "", "", "", "", "", "", "", "", "", "", ""],
         [

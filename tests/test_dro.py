@@ -11,10 +11,10 @@ import torch
 
 from components.callbacks.mask_truncated import MaskTruncated, truncated_rows
 from components.callbacks.query_filter import OnlineVarianceFilter, PeriodicQueryFilter
-from components.data import PromptPool
+from components.data.datamodule import PromptPool
 from components.errors import ConfigError
 from components.policy import build_char_tokenizer
-from components.r3 import (
+from components.rewards.r3 import (
     Propagation,
     R3Reward,
     length_reward,

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from components.engine import HFEngine, SamplingParams, eos_token_ids
+from components.engines.base import SamplingParams, eos_token_ids
+from components.engines.hf import HFEngine
 from components.policy import encode_prompt, load_policy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -212,7 +213,7 @@ def standin(monkeypatch):
 
 
 def _vllm_engine(model, tok, **kw):
-    from components.vllm_engine import VLLMEngine
+    from components.engines.vllm import VLLMEngine
 
     eng = VLLMEngine(dtype="float32", **kw)
     eng.bind(model, tok)
@@ -345,7 +346,7 @@ def test_vllm_syncs_fsdp2_gathered_weights_one_at_a_time(standin, monkeypatch):
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
-    from components.vllm_engine import _free_port, full_weights
+    from components.engines.vllm import _free_port, full_weights
 
     model, tok = load_policy("embedded:tiny")
     reference = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -388,7 +389,7 @@ def test_vllm_engine_in_a_fit_with_resume(standin, tmp_path, monkeypatch):
         "--config",
         str(ROOT / "recipes" / "grpo.yaml"),
         "--model.engine",
-        "components.vllm_engine.VLLMEngine",
+        "components.engines.vllm.VLLMEngine",
         "--model.engine.dtype",
         "float32",
         "--model.engine.enable_sleep_mode",

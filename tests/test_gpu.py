@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from components.engine import HFEngine, SamplingParams
+from components.engines.base import SamplingParams
+from components.engines.hf import HFEngine
 from components.policy import encode_prompt, load_policy
 
 pytestmark = pytest.mark.gpu
@@ -52,7 +53,7 @@ def test_recipe_fit_on_cuda(tmp_path, monkeypatch):
 def test_vllm_engine_generates_sleeps_and_syncs():
     """The real vLLM (never run for this project so far): sleep mode with two generates per step,
     a sync after a weight change, and sampling log-probs equal to the policy's teacher-forced ones."""
-    from components.vllm_engine import VLLMEngine
+    from components.engines.vllm import VLLMEngine
 
     model, tok = load_policy("embedded:tiny")
     model = model.cuda()

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from components.algos.losses import AGGREGATIONS, get_aggregation, kl_k3, ppo_clip_loss, token_logprobs_and_entropy
 from components.errors import ConfigError
-from components.losses import AGGREGATIONS, get_aggregation, kl_k3, ppo_clip_loss, token_logprobs_and_entropy
 
 X = torch.tensor([[1.0, 2.0, 3.0, 0.0], [4.0, 0.0, 0.0, 0.0]])
 M = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]])

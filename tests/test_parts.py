@@ -8,11 +8,12 @@ import math
 
 import pytest
 
-from components.data import FileTask, PromptDataModule, ReasoningGymTask, default_tasks
-from components.engine import HFEngine, SamplingParams
+from components.data.datamodule import FileTask, PromptDataModule, ReasoningGymTask, default_tasks
+from components.engines.base import SamplingParams
+from components.engines.hf import HFEngine
 from components.errors import ConfigError
 from components.policy import encode_prompt, load_policy
-from components.rewards import OverlongPenalty, VerifierReward, score_guarded
+from components.rewards.verifier import OverlongPenalty, VerifierReward, score_guarded
 from components.types import Prompt, Rollout
 
 

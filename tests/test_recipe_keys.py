@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from components import ablation as ab
+from components.analysis.config_diff import differences_outside, flatten, resolved_config, under_any
+from components.analysis.recipe_header import RecipeHeader, controls_by_name, recipe_header, with_controls
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -23,12 +24,12 @@ _cache: dict[tuple[str, ...], dict] = {}
 def _config(*paths: Path) -> dict:
     key = tuple(str(p) for p in paths)
     if key not in _cache:
-        _cache[key] = ab.resolved_config(paths)
+        _cache[key] = resolved_config(paths)
     return _cache[key]
 
 
-def _header(path: Path | str) -> ab.RecipeHeader:
-    return ab.recipe_header(path, ROOT)
+def _header(path: Path | str) -> RecipeHeader:
+    return recipe_header(path, ROOT)
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
@@ -38,7 +39,7 @@ def test_recipe_differs_from_its_control_only_in_method_keys(recipe):
     control = ROOT / (h.control or "recipes/grpo.yaml")
     assert control.is_file(), f"{recipe.name}: control {h.control} does not exist"
     allowed = h.method_keys + _header(control).method_keys
-    diff = ab.differences_outside(_config(recipe), _config(control), allowed)
+    diff = differences_outside(_config(recipe), _config(control), allowed)
     assert not diff, f"{recipe.name} differs from its control {control.name} outside its method keys: {diff}"
 
 
@@ -52,7 +53,7 @@ def test_method_keys_are_all_that_differs_from_the_shared_base(recipe):
         chain.append(_header(ROOT / chain[-1].control))
     allowed = [k for x in chain for k in x.method_keys]
     base = _config(ROOT / "recipes" / "grpo.yaml")
-    diff = ab.differences_outside(_config(recipe), base, allowed + list(_header(ROOT / "recipes/grpo.yaml").method_keys))
+    diff = differences_outside(_config(recipe), base, allowed + list(_header(ROOT / "recipes/grpo.yaml").method_keys))
     assert not diff, f"{recipe.name} sets keys outside the method keys of itself and its controls: {diff}"
 
 
@@ -63,7 +64,7 @@ def test_the_check_fails_when_a_recipe_changes_a_shared_setting(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(text)
     h = _header(bad)
-    diff = ab.differences_outside(_config(bad), _config(ROOT / "recipes" / "grpo.yaml"), h.method_keys)
+    diff = differences_outside(_config(bad), _config(ROOT / "recipes" / "grpo.yaml"), h.method_keys)
     assert "model.loss.agg" in diff and any(k.startswith("model.optimizer") for k in diff)
     assert not any(k.startswith("model.sampler") for k in diff)
 
@@ -80,12 +81,12 @@ def test_every_comparison_control_of_the_issue_exists():
         "sage": "grpo",  # GRPO at the same G without hints
         "dr_grpo": "grpo",
     }
-    controls = ab.controls_by_name([str(r) for r in RECIPES], ROOT)
+    controls = controls_by_name([str(r) for r in RECIPES], ROOT)
     for recipe, ctl in expected.items():
         assert controls[recipe] == ctl, recipe
     # GVM's control is RAFT++ once it exists, else GRPO.
     assert controls["gvm"] in ("raftpp", "grpo")
-    assert ab.with_controls(["recipes/ada_seq.yaml", "recipes/pods.yaml"], ROOT) == [
+    assert with_controls(["recipes/ada_seq.yaml", "recipes/pods.yaml"], ROOT) == [
         "recipes/grpo_n4.yaml",
         "recipes/ada_seq.yaml",
         "recipes/grpo.yaml",
@@ -99,19 +100,19 @@ def test_authors_variants_keep_the_method_and_change_only_training_settings(vari
     assert h.authors_of, f"{variant.name}: no '# authors variant of:' header line"
     recipe = ROOT / h.authors_of
     keys = _header(recipe).method_keys
-    mine, theirs = ab.flatten(_config(variant)), ab.flatten(_config(recipe))
+    mine, theirs = flatten(_config(variant)), flatten(_config(recipe))
     for k in set(mine) | set(theirs):
-        if ab._under(k, keys) and not k.startswith("model.loss"):
+        if under_any(k, keys) and not k.startswith("model.loss"):
             assert mine.get(k) == theirs.get(k), f"{variant.name} changes the method key {k}"
     assert mine != theirs, f"{variant.name} changes nothing"
 
 
 def test_gvm_authors_variant_uses_the_authors_clip():
-    cfg = ab.flatten(_config(ROOT / "recipes" / "authors" / "gvm.yaml"))
+    cfg = flatten(_config(ROOT / "recipes" / "authors" / "gvm.yaml"))
     assert (cfg["model.loss.clip_low"], cfg["model.loss.clip_high"], cfg["model.loss.dual_clip"]) == (0.2, 0.2, 3.0)
     assert cfg["model.loss.kl_coef"] == pytest.approx(1e-3)
 
 
 def test_shared_base_takes_several_updates_per_generation_batch():
-    cfg = ab.flatten(_config(ROOT / "recipes" / "grpo.yaml"))
+    cfg = flatten(_config(ROOT / "recipes" / "grpo.yaml"))
     assert cfg["model.ppo_epochs"] * cfg["model.num_minibatches"] >= 2

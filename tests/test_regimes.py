@@ -10,22 +10,21 @@ import pytest
 import torch
 import yaml
 
+from components.analysis.regimes import REGIMES, Regime, build_regime, cached_report, regime_model_dir
+from components.analysis.warm_start import WarmStartSpec
 from components.cli import build_cli, main
-from components.data import PromptDataModule, ReasoningGymTask, default_tasks
-from components.errors import ConfigError
-from components.policy import load_policy
-from components.prefilter import PrefilterConfig
-from components.regimes import REGIMES, Regime, build_regime, cached_report, regime_model_dir
-from components.tasks import (
+from components.data.datamodule import PromptDataModule, ReasoningGymTask, default_tasks, reasoning_tasks
+from components.data.prefilter import PrefilterConfig
+from components.data.tasks import (
     ANSWER_MARKER,
     ColumnSumDataset,
-    reasoning_tasks,
     reference_answer,
     split_completion,
     target_text,
     worked_steps,
 )
-from components.warm_start import WarmStartSpec
+from components.errors import ConfigError
+from components.policy import load_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -236,7 +235,7 @@ def test_build_regime_caches_by_spec(tmp_path, monkeypatch):
 
 
 def test_model_sizes_and_spec_checks():
-    from components.warm_start import new_model
+    from components.analysis.warm_start import new_model
 
     for size, lo, hi in (("tiny", 0.8e6, 1.0e6), ("small", 2e6, 4e6)):
         model, tok = new_model(size, 128)

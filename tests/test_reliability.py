@@ -54,7 +54,7 @@ import os
 import time
 from pathlib import Path
 
-from components.rewards import VerifierReward
+from components.rewards.verifier import VerifierReward
 
 
 class SlowReward(VerifierReward):

@@ -11,10 +11,10 @@ import pytest
 
 from components.cli import build_cli
 from components.errors import ConfigError
-from components.hints import HINT_SYSTEM, PrefixHint, SelfHint, leaks_answer, parse_hint_json, parse_hint_reply
-from components.rewards import Reward
+from components.rewards.verifier import Reward
 from components.samplers.ada_seq import ReinforceAdaSeq
 from components.samplers.dapo import DynamicSampling
+from components.samplers.hints import HINT_SYSTEM, PrefixHint, SelfHint, leaks_answer, parse_hint_json, parse_hint_reply
 from components.samplers.pods import PODSSampler
 from components.samplers.sage import SAGESampler
 from components.samplers.sage_light import SAGELight
@@ -256,7 +256,7 @@ class _FailFirstDraw(Reward):
     ids=["ada_seq", "dapo"],
 )
 def test_the_loss_sees_the_hinted_context_and_evaluation_never_does(inner):
-    from components.module import PolicyModule, _SamplerView
+    from components.step.module import PolicyModule, _SamplerView
 
     sampler = SAGESampler(inner=inner(), hints=PrefixHint(use_answer=True), template="{problem} {hint}")
     module = PolicyModule(sampler=sampler, reward=_FailFirstDraw(), export_dir=None)

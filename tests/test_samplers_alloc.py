@@ -358,7 +358,7 @@ def test_gvm_allocation_follows_ratio_and_drops_unsolved():
 
 @pytest.fixture(scope="module")
 def tiny_module():
-    from components.module import PolicyModule
+    from components.step.module import PolicyModule
 
     torch.manual_seed(0)
     return PolicyModule(model="embedded:tiny-init", export_dir=None)

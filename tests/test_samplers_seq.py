@@ -9,13 +9,13 @@ import random
 import pytest
 import torch
 
-from components.advantages import get_advantage
+from components.algos.advantages import get_advantage
+from components.algos.selection import balanced_indices, max_variance_indices, population_std, spread, top_indices
 from components.errors import ConfigError
 from components.samplers.ada_seq import ReinforceAdaSeq
 from components.samplers.base import FixedGroupSampler, Sampler, make_group
 from components.samplers.dapo import DynamicSampling
 from components.samplers.pods import PODSSampler
-from components.samplers.selection import balanced_indices, max_variance_indices, population_std, spread, top_indices
 from tests.fakes import ScriptedContext, make_prompts
 
 

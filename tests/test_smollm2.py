@@ -29,7 +29,7 @@ def test_smollm2_chat_template_fit(tmp_path, monkeypatch):
     """Two GRPO steps with the chat template; every rollout's sampling log-probs equal the policy's
     teacher-forced log-probs (the HF engine samples what the loss assumes on a real model too)."""
     from components.cli import build_cli
-    from components.engine import HFEngine
+    from components.engines.hf import HFEngine
     from components.policy import encode_prompt
 
     gaps: list[float] = []
@@ -90,7 +90,7 @@ def test_smollm2_sage_self_hint(tmp_path, monkeypatch, capsys):
     import json
 
     from components.cli import build_cli
-    from components.hints import parse_hint_reply
+    from components.samplers.hints import parse_hint_reply
 
     replies: list[tuple[str, str]] = []
 
@@ -99,7 +99,7 @@ def test_smollm2_sage_self_hint(tmp_path, monkeypatch, capsys):
         replies.append((text, how))
         return parsed, how
 
-    monkeypatch.setattr("components.hints.parse_hint_reply", recording)
+    monkeypatch.setattr("components.samplers.hints.parse_hint_reply", recording)
     monkeypatch.chdir(tmp_path)
     cli = build_cli(
         [
@@ -109,7 +109,7 @@ def test_smollm2_sage_self_hint(tmp_path, monkeypatch, capsys):
             "--config",
             str(ROOT / "recipes" / "sage.yaml"),
             "--model.sampler.hints",
-            "components.hints.SelfHint",
+            "components.samplers.hints.SelfHint",
             "--model.sampler.hints.use_answer",
             "true",
             "--model.sampler.hints.max_new_tokens",

@@ -12,7 +12,7 @@ import torch
 from components.callbacks.token_modulation import DynaMOModulation, dynamo_token_factors
 from components.cli import build_cli
 from components.errors import ConfigError
-from components.module import PolicyModule
+from components.step.module import PolicyModule
 from components.types import Group, Prompt, Rollout
 from tests.test_recipes import SMALL, _metrics
 

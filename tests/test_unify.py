@@ -11,20 +11,20 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from components.advantages import get_advantage, pool_mean_advantage, raft_advantage
+from components.algos.advantages import get_advantage, pool_mean_advantage, raft_advantage
+from components.algos.losses import get_policy_loss, ppo_clip_loss, raft_vanilla_loss
+from components.analysis.curves import plot_signal_health
+from components.callbacks.prompt_weights import FObjectiveWeights, check_single_inverse_p, f_weight, smoothed_rate
 from components.errors import ConfigError
-from components.losses import get_policy_loss, ppo_clip_loss, raft_vanilla_loss
 from components.samplers.ada_seq import ReinforceAdaSeq, inverse_rate, selection_weights
 from components.samplers.gvm import GVMSampler, gvm_ratio
-from components.signal_health import (
+from components.step.signal_health import (
     diversity,
     lone_advantage,
     lone_rollouts,
-    plot_signal_health,
     probe_kl,
 )
 from components.types import Group, Prompt, Rollout
-from components.weights import FObjectiveWeights, check_single_inverse_p, f_weight, smoothed_rate
 from tests.fakes import ScriptedContext, make_prompts
 
 
@@ -422,8 +422,8 @@ def test_probe_kl():
 
 
 def test_log_signal_health_on_a_real_batch(tmp_path):
-    from components.module import PolicyModule
-    from components.signal_health import PROBE_EVERY, log_signal_health
+    from components.step.module import PolicyModule
+    from components.step.signal_health import PROBE_EVERY, log_signal_health
 
     torch.manual_seed(0)
     m = PolicyModule(model="embedded:tiny-init", export_dir=None)

@@ -1,4 +1,4 @@
-"""The update path (components/update.py): batch build, shared-prompt forward, mini-batch schedule,
+"""The update path (components/step/update.py): batch build, shared-prompt forward, mini-batch schedule,
 truncated importance sampling, the per-micro-batch callback hook and the cost metrics."""
 
 from __future__ import annotations
@@ -11,12 +11,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from components.algos.losses import get_aggregation, get_policy_loss
 from components.callbacks.base import SignalCallback
 from components.cli import build_cli
-from components.losses import get_aggregation, get_policy_loss
 from components.policy import load_policy
-from components.types import Group, Prompt, Rollout
-from components.update import (
+from components.step.update import (
     LossConfig,
     Updater,
     build_batch,
@@ -24,6 +23,7 @@ from components.update import (
     minibatch_schedule,
     truncated_is_weight,
 )
+from components.types import Group, Prompt, Rollout
 from tests.test_recipes import SMALL, _metrics
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from components.samplers.selection import population_std
+from components.algos.selection import population_std
 from components.types import Group
 
 
@@ -26,7 +26,7 @@ class SignalCallback(L.Callback):
         return groups
 
     def on_advantages(self, batch: Any, module: Any) -> None:
-        """``batch`` is a :class:`components.update.TokenBatch`; modify ``batch.advantages`` in place."""
+        """``batch`` is a :class:`components.step.update.TokenBatch`; modify ``batch.advantages`` in place."""
         return None
 
     def on_micro_batch(

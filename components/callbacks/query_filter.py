@@ -1,7 +1,7 @@
 """DRO's variance query filter (paper v1 §4.2.2) and our cheaper online variant.
 
 Both read the cross-rollout spread of the reference-token log-probs, s_j (see
-:mod:`components.r3`): a query whose reasonings all give the reference the same likelihood
+:mod:`components.rewards.r3`): a query whose reasonings all give the reference the same likelihood
 (max_j s_j small) has nothing to compare, so R3's advantages are noise for it.
 
 - :class:`PeriodicQueryFilter` is the paper's: once at the start of training (before the first
@@ -34,7 +34,7 @@ import torch
 
 from components.callbacks.base import SignalCallback
 from components.errors import ConfigError
-from components.r3 import R3Reward, split_at_marker, token_spread, worst_rank_score
+from components.rewards.r3 import R3Reward, split_at_marker, token_spread, worst_rank_score
 from components.types import Group, Prompt
 
 # Per-step amounts a round adds (0 in steps without a round).
@@ -58,7 +58,7 @@ _TOTAL_OF = {
 def _r3_of(module: Any, who: str) -> R3Reward:
     if not isinstance(module.reward, R3Reward):
         raise ConfigError(
-            f"trainer.callbacks.{who}", "reads R3's cross-rollout spread: set model.reward to components.r3.R3Reward"
+            f"trainer.callbacks.{who}", "reads R3's cross-rollout spread: set model.reward to components.rewards.r3.R3Reward"
         )
     return module.reward
 

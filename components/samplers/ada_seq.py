@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from components.algos.selection import balanced_indices
 from components.errors import ConfigError
 from components.samplers.base import Sampler, SamplingContext, make_group
-from components.samplers.selection import balanced_indices
 from components.types import Group, Prompt, Rollout
 
 EXITS = ("balanced", "positive")
@@ -118,7 +118,7 @@ class ReinforceAdaSeq(Sampler):
 
     @property
     def applies_inverse_p(self) -> bool:
-        """True when this sampler sets the log objective's 1/p~ (see ``components.weights``)."""
+        """True when this sampler sets the log objective's 1/p~ (see ``components.callbacks.prompt_weights``)."""
         return self.downsample_correct and self.correct_log_weight
 
     def _finished(self, pool: list[Rollout]) -> bool:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 
+from components.algos.selection import spread
 from components.errors import ConfigError
 from components.samplers.base import Sampler, SamplingContext, make_group
-from components.samplers.selection import spread
 from components.types import Group, Prompt
 
 log = logging.getLogger(__name__)

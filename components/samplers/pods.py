@@ -5,9 +5,9 @@ from __future__ import annotations
 import random
 from typing import Any
 
+from components.algos.selection import max_variance_indices, population_std, top_indices
 from components.errors import ConfigError
 from components.samplers.base import FixedGroupSampler, Sampler, SamplingContext
-from components.samplers.selection import max_variance_indices, population_std, top_indices
 from components.types import Group, Prompt
 
 RULES = ("max_variance", "max_reward", "random")

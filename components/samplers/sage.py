@@ -29,7 +29,7 @@ prompt text fills ``{problem}``. A hinted context longer than the model's contex
 or is skipped (``overflow: skip``, or when even an empty hint does not fit; counted in
 ``hint/skipped_overflow``): the prompt stays at its current level, never a crash.
 
-The hint source is swappable (:mod:`components.hints`): ``SelfHint`` (the paper's: the current
+The hint source is swappable (:mod:`components.samplers.hints`): ``SelfHint`` (the paper's: the current
 policy writes the hints) or ``PrefixHint`` (a deterministic partial-solution source). Every rollout
 and every hint token drawn counts in the budget; SAGE's cost is up to (1 + L) probes per unresolved
 prompt plus the hint replies (the paper: 2.3x GRPO's time). SAGE-LIGHT (one pass per step at a
@@ -52,8 +52,8 @@ from typing import Any
 from jsonargparse import lazy_instance
 
 from components.errors import ConfigError
-from components.hints import HintSource, SelfHint
 from components.samplers.base import ContextTransform, FixedGroupSampler, Sampler, SamplingContext, TransformedSampler
+from components.samplers.hints import HintSource, SelfHint
 from components.types import Group, Prompt, Rollout
 
 DEFAULT_TEMPLATE = "{problem}\nHere is a hint to help you:\n{hint}"
@@ -246,7 +246,7 @@ class SAGESampler(TransformedSampler):
         inner: the sampler whose draws are hinted (default: fixed ``group_size``, as the paper).
         group_size: G of the default inner sampler (authors: 8); ignored when ``inner`` is given.
         max_level: L, the strongest hint level (authors: 3).
-        hints: where hints come from (``components.hints.SelfHint`` or ``PrefixHint``).
+        hints: where hints come from (``components.samplers.hints.SelfHint`` or ``PrefixHint``).
         template: the hinted question; must contain ``{problem}`` and ``{hint}`` (authors' RL user
             prompt by default).
         overflow: ``truncate`` | ``skip``: a hinted prompt that would not fit the context.

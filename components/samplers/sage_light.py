@@ -34,8 +34,8 @@ from typing import Any
 from jsonargparse import lazy_instance
 
 from components.errors import ConfigError
-from components.hints import HintSource, SelfHint
 from components.samplers.base import Sampler, SamplingContext, TransformedSampler
+from components.samplers.hints import HintSource, SelfHint
 from components.samplers.sage import DEFAULT_TEMPLATE, HintTransform, _inner
 from components.types import Group, Prompt, Rollout
 

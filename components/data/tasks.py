@@ -156,14 +156,3 @@ def target_text(prompt: Any) -> str:
     if getattr(prompt, "answer_marker", None) and prompt.reference:
         return prompt.reference
     return " " + prompt.answer
-
-
-def reasoning_tasks(ops: str = "+-") -> list[Any]:
-    """The ``reasoning`` regime's mix: the dense mix's slices (1/2/3-digit terms, weights 1:3:1,
-    tags d1/d2/d3) with worked-steps answers."""
-    from components.data import ReasoningGymTask
-
-    return [
-        ReasoningGymTask("column_sum", dict(digits=d, ops=ops, format="worked"), w, f"d{d}")
-        for d, w in ((1, 1.0), (2, 3.0), (3, 1.0))
-    ]

@@ -58,7 +58,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from components.engine import RolloutEngine, SamplingParams, eos_token_ids
+from components.engines.base import RolloutEngine, SamplingParams, eos_token_ids
 from components.errors import ConfigError
 from components.types import Rollout
 

@@ -24,33 +24,23 @@ a hopeless group gets an outsized advantage. Once per step the module calls :fun
   and drift is measured from the resumed policy.
 
 The pure parts (:func:`diversity`, :func:`lone_rollouts`, :func:`probe_kl`) take groups and tensors
-and are tested on scripted groups. :func:`plot_signal_health` draws the series beside pass@1 for the
-ablation runner.
+and are tested on scripted groups. :func:`components.analysis.curves.plot_signal_health` draws the
+series beside pass@1 for the ablation runner.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from components.losses import kl_k3
+from components.algos.losses import kl_k3
 from components.types import Group
 
 PROBE_ROWS = 64  # rollouts kept as the drift probe
 PROBE_EVERY = 10  # steps between probe forwards (the only extra compute of these metrics)
-PLOT_METRICS = (
-    "eval/pass_at_1",
-    "health/distinct_answer_frac",
-    "health/distinct_completion_frac",
-    "health/lone_adv_max",
-    "health/lone_mass_share",
-    "health/kl_init_probe",
-    "health/kl_ref",
-)
 
 
 def diversity(groups: Sequence[Group], answer_of: Callable[[str], str] = str.strip) -> dict[str, float]:
@@ -120,7 +110,7 @@ def probe_kl(init_logprobs: torch.Tensor, logprobs: torch.Tensor, mask: torch.Te
 
 
 def _answer_fn(module: Any) -> Callable[[str], str]:
-    from components.rewards import extract_answer
+    from components.rewards.verifier import extract_answer
 
     how = getattr(getattr(module, "reward", None), "extract", "strip")
     return lambda text: extract_answer(text, how)
@@ -164,61 +154,3 @@ def log_signal_health(module: Any, groups: Sequence[Group], batch: Any) -> None:
         stats.update(_drift(module, batch))
     for k, v in stats.items():
         module.log_metric(f"health/{k}", v)
-
-
-def line_styles(n: int) -> list[tuple[Any, str]]:
-    """``n`` distinct (colour, line style) pairs for a plot's lines: tab10 up to 10; past that its
-    colours repeat, so tab20's dark shades first, then its light shades dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if n <= 10:
-        return [(plt.get_cmap("tab10")(i), "-") for i in range(n)]
-    return [(plt.get_cmap("tab20")((2 * i) % 20 + (i // 10) % 2), "-" if i % 20 < 10 else "--") for i in range(n)]
-
-
-def plot_signal_health(
-    series: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]],
-    path: str | Path,
-    metrics: Sequence[str] = PLOT_METRICS,
-    title: str = "",
-) -> Path:
-    """Small multiples of the health metrics (and pass@1) against step, one line per run or recipe.
-
-    ``series[label][metric]`` is a list of ``(step, value)``; metrics no run has are left out.
-    E.g. from MLflow: ``{run_label: {m: [(p.step, p.value) for p in client.get_metric_history(rid, m)]}}``.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    shown = [m for m in metrics if any(s.get(m) for s in series.values())]
-    if not shown:
-        raise ValueError(f"plot_signal_health: none of {list(metrics)} in the series given")
-    cols = min(3, len(shown))
-    rows = (len(shown) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows), squeeze=False)
-    styles = dict(zip(series, line_styles(len(series))))  # the same colour per run in every panel
-    for ax, metric in zip(axes.flat, shown):
-        for label, s in series.items():
-            pts = sorted(s.get(metric, ()))
-            if pts:
-                color, ls = styles[label]
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], color=color, ls=ls, lw=1.3, label=label)
-        ax.set_title(metric, fontsize=9)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(shown) :]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out

@@ -2,12 +2,12 @@
 
 Each regime is a YAML overlay in ``configs/regimes/<name>.yaml`` (composable with any recipe:
 ``curate-rl fit --config recipes/grpo.yaml --config configs/regimes/sparse.yaml``) plus, where its
-model is not the shipped one, the :class:`~components.warm_start.WarmStartSpec` that builds it.
+model is not the shipped one, the :class:`~components.analysis.warm_start.WarmStartSpec` that builds it.
 Built models are cached in ``.cache/curate-rl/regimes/<name>`` under the working directory (ignored
 by git), which is the local folder the overlay's ``model.model`` names; a ``regime.json`` beside
 the weights records the spec's hash, so a changed spec rebuilds and an unchanged one is reused.
 
-    from components.regimes import build_regime
+    from components.analysis.regimes import build_regime
     path = build_regime("sparse")      # builds on first use, then returns the cached folder
 
 ``dense`` and the pre-filter overlays use the shipped ``embedded:tiny`` (nothing to build).
@@ -22,12 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from components.data import default_tasks
+from components.analysis.warm_start import WarmStartSpec, warm_start
+from components.data.datamodule import default_tasks, reasoning_tasks
 from components.errors import ConfigError
-from components.tasks import reasoning_tasks
-from components.warm_start import WarmStartSpec, warm_start
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "regimes"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "regimes"
 CACHE_ROOT = Path(".cache") / "curate-rl" / "regimes"
 
 

@@ -25,18 +25,18 @@ from jsonargparse import lazy_instance
 from lightning.pytorch.cli import OptimizerCallable
 from torchmetrics import MeanMetric
 
-from components.advantages import get_advantage
+from components.algos.advantages import get_advantage
+from components.algos.losses import get_aggregation, get_policy_loss
 from components.callbacks.base import SignalCallback
 from components.callbacks.lifecycle import rng_state, set_rng_state
-from components.engine import HFEngine, RolloutEngine, SamplingParams
+from components.engines.base import RolloutEngine, SamplingParams
+from components.engines.hf import HFEngine
 from components.errors import ConfigError
-from components.losses import get_aggregation, get_policy_loss
 from components.policy import encode_messages, encode_prompt, load_policy
-from components.rewards import Reward, VerifierReward, score_guarded
+from components.rewards.verifier import Reward, VerifierReward, score_guarded
 from components.samplers.base import FixedGroupSampler, Sampler
-from components.signal_health import log_signal_health
-from components.types import Group, Prompt, Rollout
-from components.update import (
+from components.step.signal_health import log_signal_health
+from components.step.update import (
     AdvantageConfig,
     LossConfig,
     TokenBatch,
@@ -45,6 +45,7 @@ from components.update import (
     compute_advantages,
     forward_logprobs,
 )
+from components.types import Group, Prompt, Rollout
 
 
 @dataclass
@@ -364,11 +365,11 @@ class PolicyModule(L.LightningModule):
             self._log_completions(groups)
 
     def build_batch(self, groups: list[Group]) -> TokenBatch:
-        """Flatten ragged groups into padded tensors (see :func:`components.update.build_batch`)."""
+        """Flatten ragged groups into padded tensors (see :func:`components.step.update.build_batch`)."""
         return build_batch(groups, self.tokenizer.pad_token_id, self.device)
 
     def compute_advantages(self, batch: TokenBatch) -> torch.Tensor:
-        """Per-token advantages of ``batch`` (see :func:`components.update.compute_advantages`)."""
+        """Per-token advantages of ``batch`` (see :func:`components.step.update.compute_advantages`)."""
         return compute_advantages(batch, self.advantage_fn, self.adv_cfg)
 
     def _forward_logprobs(

@@ -47,7 +47,7 @@ from typing import Any, Literal
 import torch
 
 from components.errors import ConfigError
-from components.rewards import Reward, extract_answer
+from components.rewards.verifier import Reward, extract_answer
 from components.types import Prompt, Rollout
 
 WEIGHTINGS = ("linear", "power", "softmax", "aggr")
@@ -204,7 +204,7 @@ class Split:
 
 def split_at_marker(text: str, marker: str) -> Split:
     """Reasoning = text before the *last* marker, answer = text after it (the reasoning regime's
-    verifier reads the text after the last marker too: ``components.tasks.split_completion``).
+    verifier reads the text after the last marker too: ``components.data.tasks.split_completion``).
     No marker: the whole text is reasoning and the answer is empty (the reasoning was never closed)."""
     i = text.rfind(marker)
     if i < 0:

@@ -3,7 +3,7 @@
 RL sharpens what supervised training half-learned, so every regime's model is a warm start stopped
 at a chosen point: train on some slices of a task mix (``train_tags``), and stop as soon as the
 sampled (T=1) pass rate on a named slice (``target_tag``) reaches ``target``. The supervised target
-of each prompt is :func:`components.tasks.target_text`: the worked reference for worked-steps tasks
+of each prompt is :func:`components.data.tasks.target_text`: the worked reference for worked-steps tasks
 (``Prompt.answer_marker`` set), a space and the bare answer otherwise, then EOS.
 
 :func:`warm_start` trains and saves a model; :func:`measure_pass_rates` reports per-slice pass rates
@@ -24,11 +24,12 @@ from typing import Any
 import torch
 from transformers import LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from components.data import PromptDataModule, ReasoningGymTask
-from components.engine import HFEngine, SamplingParams
+from components.data.datamodule import PromptDataModule, ReasoningGymTask
+from components.data.tasks import target_text
+from components.engines.base import SamplingParams
+from components.engines.hf import HFEngine
 from components.errors import ConfigError
 from components.policy import build_char_tokenizer, encode_prompt, tiny_config
-from components.tasks import target_text
 
 # Architectures a warm start can build (all Llama with the char tokenizer). ``tiny`` is the shipped
 # model's (about 0.9M parameters); ``small`` is a few million parameters (about 2.9M), still minutes

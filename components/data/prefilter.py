@@ -106,7 +106,7 @@ def solve_counts(
     """``k`` samples per prompt from ``engine``; the number that pass, by uid (with a progress bar)."""
     from tqdm.auto import tqdm
 
-    from components.engine import SamplingParams
+    from components.engines.base import SamplingParams
 
     params = SamplingParams(cfg.temperature, 1.0, max_new)
     counts: dict[str, int] = {}
@@ -170,7 +170,7 @@ def apply_prefilter(
     if cfg.model is not None or policy is None:
         if cfg.model is None:
             raise ConfigError("data.prefilter.model", "no policy to filter with: set data.prefilter.model or run under a trainer")
-        from components.engine import HFEngine
+        from components.engines.hf import HFEngine
         from components.policy import encode_prompt, load_policy
 
         model, tok = load_policy(cfg.model)

@@ -1,6 +1,6 @@
 """The update half of a training step: kept rollouts -> a token batch -> advantages -> mini-batch updates.
 
-Everything here is a function of the batch and the policy; :class:`~components.module.PolicyModule`
+Everything here is a function of the batch and the policy; :class:`~components.step.module.PolicyModule`
 calls it in this order:
 
     build_batch(groups)                      ragged groups -> padded (N, C + R) rows, vectorised
@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from components.losses import kl_k3, token_logprobs_and_entropy
+from components.algos.losses import kl_k3, token_logprobs_and_entropy
 from components.types import Group
 
 

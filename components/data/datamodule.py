@@ -28,8 +28,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from components.data.prefilter import PrefilterConfig, apply_prefilter
 from components.errors import ConfigError
-from components.prefilter import PrefilterConfig, apply_prefilter
 from components.types import Prompt, stable_uid
 
 Verifier = Callable[[str, Prompt], float]
@@ -67,10 +67,10 @@ class FileTask:
 def _rg_items(task: ReasoningGymTask, seed: int, size: int) -> tuple[list[dict], Any]:
     import reasoning_gym
 
-    from components.tasks import LOCAL_TASKS, create_local_dataset
+    from components.data.tasks import LOCAL_TASKS, create_local_dataset
 
     try:
-        if task.name in LOCAL_TASKS:  # the project's own generators (components/tasks.py) first
+        if task.name in LOCAL_TASKS:  # the project's own generators (components/data/tasks.py) first
             ds = create_local_dataset(task.name, seed=seed, size=size, **task.config)
         else:
             ds = reasoning_gym.create_dataset(task.name, seed=seed, size=size, **task.config)
@@ -152,6 +152,15 @@ def default_tasks() -> list[ReasoningGymTask]:
     ]
 
 
+def reasoning_tasks(ops: str = "+-") -> list[ReasoningGymTask]:
+    """The ``reasoning`` regime's mix: the dense mix's slices (1/2/3-digit terms, weights 1:3:1,
+    tags d1/d2/d3) with worked-steps answers."""
+    return [
+        ReasoningGymTask("column_sum", dict(digits=d, ops=ops, format="worked"), w, f"d{d}")
+        for d, w in ((1, 1.0), (2, 3.0), (3, 1.0))
+    ]
+
+
 class PromptPool:
     """A fixed list of prompts, sampled with replacement by weight."""
 
@@ -205,7 +214,7 @@ class PromptDataModule(L.LightningDataModule):
             overlap (1-digit sums) fills its share with training items.
         seed: seeds the pool and the training stream.
         prefilter: keep only training prompts the initial policy solves between a min and a max
-            count of k samples (components/prefilter.py; cached on disk). None: no filter.
+            count of k samples (components/data/prefilter.py; cached on disk). None: no filter.
     """
 
     def __init__(
@@ -265,7 +274,7 @@ class PromptDataModule(L.LightningDataModule):
             ref = (it.get("metadata") or {}).get("answer_cot")
             item_key = [task.name, task.config, it["question"], str(it["answer"])]
             uid = stable_uid(key, item_key)
-            marker = getattr(ds, "answer_marker", None)  # set by worked-steps tasks (components/tasks.py)
+            marker = getattr(ds, "answer_marker", None)  # set by worked-steps tasks (components/data/tasks.py)
             out.append(
                 Prompt(uid, key, text, str(it["answer"]), dict(it), task.tag or task.name, ref, marker, question=it["question"])
             )
@@ -345,7 +354,7 @@ class PromptDataModule(L.LightningDataModule):
         return self.train_pool.draw(k, self.generator)
 
     def _prefilter_pool(self, wait: bool) -> None:
-        """Apply ``data.prefilter`` once, with the run's initial policy (components/prefilter.py).
+        """Apply ``data.prefilter`` once, with the run's initial policy (components/data/prefilter.py).
         Set-up checks build the pool before the trainer is attached: ``wait`` defers it until then."""
         if self.prefilter is None or self.prefilter_report is not None:
             return

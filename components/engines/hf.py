@@ -1,23 +1,12 @@
-"""Rollout engines: turn contexts into sampled completions with the sampling policy's log-probs.
+"""The Hugging Face engine: ``generate`` on the policy's own weights (CPU, tests, small models).
 
-The interface is small so that Hugging Face ``generate`` (CPU, tests, small models) and vLLM (GPU,
-:mod:`components.vllm_engine`) are interchangeable. An engine that holds its own copy of the weights
-(vLLM) is told to sync after every optimizer step; the HF engine generates with the policy itself.
-
-What "the sampling log-prob" means, for both engines: the log-probability of the chosen token under
-the distribution it was actually drawn from, i.e. ``log_softmax(logits / temperature)`` after top-p
-truncation. The loss scores the same tokens with ``log_softmax(logits / temperature)`` of the policy
-(no truncation), so with ``top_p = 1`` the two agree to float precision on the HF engine (the
-``rollout/logprob_gap_*`` metrics are ~0), and with ``top_p < 1`` a gap of ``-log(kept mass)`` per
-token is expected: the rollouts are then not exactly on-policy for the loss.
+See :mod:`components.engines.base` for what "the sampling log-prob" means for every engine.
 """
 
 from __future__ import annotations
 
 import contextlib
-from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import torch
 from transformers import GenerationConfig as HFGenerationConfig
@@ -33,81 +22,9 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from components.engines.base import RolloutEngine, SamplingParams, eos_token_ids
 from components.errors import ConfigError
 from components.types import Rollout
-
-
-@dataclass
-class SamplingParams:
-    """How rollouts are sampled. ``temperature=0`` means greedy.
-
-    ``stop``: optional stop strings; a rollout that produces one ends there (the token that
-    completes it is kept, and the rollout counts as finished). EOS is always the full list of
-    end-of-sequence ids the model declares (see :func:`eos_token_ids`).
-    """
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 8
-    stop: list[str] = field(default_factory=list)
-
-    def validate(self, field: str = "model.sampling") -> None:
-        if self.temperature < 0:
-            raise ConfigError(f"{field}.temperature", f"must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"{field}.top_p", f"must be in (0, 1], got {self.top_p}")
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"{field}.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise ConfigError(f"{field}.stop", f"must be a list of non-empty strings, got {self.stop!r}")
-
-
-def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Every end-of-sequence id the model declares: its generation_config, its config and the
-    tokenizer (chat models stop on a list, e.g. ``<|im_end|>`` and ``<|endoftext|>``)."""
-    ids: list[int] = []
-    for source in (getattr(model, "generation_config", None), getattr(model, "config", None), tokenizer):
-        value = getattr(source, "eos_token_id", None)
-        for i in value if isinstance(value, (list, tuple)) else [value]:
-            if i is not None and int(i) not in ids:
-                ids.append(int(i))
-    if not ids:
-        raise ConfigError("model", "the model declares no EOS token (generation_config, config and tokenizer have none)")
-    return ids
-
-
-class RolloutEngine(ABC):
-    """Generates ``n_each[i]`` completions of ``contexts[i]`` (token ids), returned in order.
-
-    Lifecycle, called by the policy module: :meth:`bind` once with the policy; :meth:`start` when
-    training (or evaluation) starts and again after a resume, so an engine with its own weights
-    loads the policy's current ones; :meth:`generate` any number of times per step;
-    :meth:`sleep` after the step's last generate (an engine sharing the device with training frees
-    its memory); :meth:`sync_weights` after every optimizer step.
-    """
-
-    def bind(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
-        """Called once by the module with the policy and its tokenizer."""
-        self.model = model
-        self.tokenizer = tokenizer
-
-    @abstractmethod
-    def generate(self, contexts: list[list[int]], n_each: list[int], params: SamplingParams) -> list[list[Rollout]]:
-        """One list of rollouts per context (unscored: rewards are filled in by the reward)."""
-
-    def start(self, model: torch.nn.Module, *, device: torch.device, rank: int = 0, world_size: int = 1) -> None:
-        """Training or evaluation starts (also after a resume). Engines with their own weights
-        build themselves on ``device`` and load ``model``'s weights; the HF engine has nothing to do."""
-        return None
-
-    def sleep(self) -> None:
-        """The step's last generate is done: free generation memory until the next one (no-op here)."""
-        return None
-
-    def sync_weights(self, model: torch.nn.Module) -> None:
-        """Push the trained weights into the engine. The HF engine generates with the policy itself,
-        so it has nothing to do; engines with their own weights override this."""
-        return None
 
 
 def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

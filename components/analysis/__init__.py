@@ -1,0 +1,1 @@
+"""Experiment tooling outside the training step: regimes and warm starts, ablation sweeps, the claims table."""

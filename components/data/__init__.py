@@ -1,0 +1,1 @@
+"""Prompts: task sources (reasoning-gym, local generators, files), the pass-rate pre-filter and the DataModule."""

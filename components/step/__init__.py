@@ -1,0 +1,1 @@
+"""One training step: the LightningModule, the handle components see, the update, and the step's metrics."""
