@@ -273,7 +273,7 @@ def _check_prompt_lengths(model: PolicyModule, dm: PromptDataModule) -> None:
         return
     new = model.sampling.max_new_tokens
     prompts = dm.all_prompts()
-    too_long = [(len(model.context_of(p)), p) for p in prompts]
+    too_long = [(len(model.handle.context_of(p)), p) for p in prompts]
     too_long = [(n, p) for n, p in too_long if n + new > limit]
     if too_long:
         n, p = max(too_long, key=lambda t: t[0])

@@ -106,7 +106,7 @@ def main() -> None:
         m = cli.model
         timer.wrap(m.engine, "generate", "generate")
         timer.wrap(m.reward, "score", "scoring")
-        timer.wrap(m, "_forward_logprobs", "log-prob forward")
+        timer.wrap(m, "forward_logprobs", "log-prob forward")
         timer.wrap(m, "manual_backward", "backward")
         clock = _StepClock(timer, args.warmup)
         cli.trainer.callbacks.append(clock)

@@ -116,7 +116,7 @@ def run_ours(args: argparse.Namespace, phases: Phases, n_steps: int, seed: int) 
     m = cli.model
     phases.wrap(m.engine, "generate", "generate")
     phases.wrap(m.reward, "score", "scoring")
-    phases.wrap(m, "_forward_logprobs", "forward")
+    phases.wrap(m, "forward_logprobs", "forward")
     phases.wrap(m, "manual_backward", "backward")
     cli.trainer.callbacks.append(Clock())
     cli.trainer.fit(m, datamodule=cli.datamodule)

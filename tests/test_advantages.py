@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from components.algos.advantages import ADVANTAGES, get_advantage
+from components.algos.advantages import ADVANTAGES, AdvantageConfig, get_advantage
 from components.errors import ConfigError
 
 R = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.5])
@@ -13,7 +13,7 @@ G = torch.tensor([0, 0, 0, 1, 1, 2, 3])  # ragged: sizes 3, 2, 1, 1
 
 
 def test_grpo_population_std_on_ragged_groups():
-    a = get_advantage("grpo")(R, G, std="population", eps=0.0)
+    a = get_advantage("grpo")(R, G, None, AdvantageConfig(std="population", eps=0.0))
     m0, s0 = 1 / 3, math.sqrt(2 / 9)
     expect = [(1 - m0) / s0, -m0 / s0, -m0 / s0]
     assert torch.allclose(a[:3], torch.tensor(expect), atol=1e-5)
@@ -27,8 +27,8 @@ def test_grpo_population_std_on_ragged_groups():
 def test_grpo_unbiased_std_differs_by_sqrt2_at_g2():
     r = torch.tensor([1.0, 0.0])
     g = torch.tensor([0, 0])
-    pop = get_advantage("grpo")(r, g, std="population", eps=0.0)
-    unb = get_advantage("grpo")(r, g, std="unbiased", eps=0.0)
+    pop = get_advantage("grpo")(r, g, None, AdvantageConfig(std="population", eps=0.0))
+    unb = get_advantage("grpo")(r, g, None, AdvantageConfig(std="unbiased", eps=0.0))
     assert torch.allclose(pop, torch.tensor([1.0, -1.0]))
     assert torch.allclose(pop / unb, torch.full((2,), math.sqrt(2)), atol=1e-5)
 
@@ -53,7 +53,7 @@ def test_pool_mean_uses_supplied_baseline_and_falls_back():
     assert torch.allclose(a[3:5], torch.zeros(2))  # NaN baseline -> kept mean (1.0)
     assert a[5].item() == pytest.approx(-0.1)
     assert a[6].item() == 0  # size-1 group, own mean
-    an = get_advantage("pool_mean")(R, G, baseline=base, normalize_std=True)
+    an = get_advantage("pool_mean")(R, G, base, AdvantageConfig(normalize_std=True))
     assert an[0].item() == pytest.approx(0.75 / math.sqrt(0.25 * 0.75), rel=1e-4)
 
 

@@ -12,6 +12,7 @@ import torch
 from components.callbacks.mask_truncated import MaskTruncated, truncated_rows
 from components.callbacks.query_filter import OnlineVarianceFilter, PeriodicQueryFilter
 from components.data.datamodule import PromptPool
+from components.engines.base import SamplingParams
 from components.errors import ConfigError
 from components.policy import build_char_tokenizer
 from components.rewards.r3 import (
@@ -148,24 +149,31 @@ def _prompt(uid: str, reference: str | None = "work #### 7", answer: str = "7") 
     return Prompt(uid=uid, task="t", text=uid, answer=answer, reference=reference)
 
 
-class FakeModule:
+class FakeHandle:
+    """The StepHandle members R3 and the query filters use, over the scripted LM and engine."""
+
     def __init__(self, reward, prompts=(), engine=None):
         self.policy = ScriptedLM()
         self.tokenizer = TOK
         self.device = torch.device("cpu")
-        self.global_step = 0
+        self.step = 0
         self.ref_policy = None
         self.metrics: dict[str, float] = {}
-        self.reward = reward
+        self.reward = reward  # not a handle member: what a filter's setup finds on the module
         self.engine = engine
-        self.sampling = SimpleNamespace(max_new_tokens=16)
-        pool = PromptPool(list(prompts), [1.0] * len(prompts))
-        self.trainer = SimpleNamespace(datamodule=SimpleNamespace(train_pool=pool))
+        self.sampling = SamplingParams(max_new_tokens=16)
+        self.pool = PromptPool(list(prompts), [1.0] * len(prompts))
 
     def context_of(self, p):
         return [TOK.bos_token_id] + TOK(p.text, add_special_tokens=False).input_ids
 
-    def log_metric(self, k, v):
+    def generate(self, contexts, n_each, params=None):
+        return self.engine.generate(contexts, n_each, params or self.sampling)
+
+    def train_prompts(self):
+        return list(self.pool.prompts)
+
+    def log(self, k, v):
         self.metrics[k] = float(v)
 
     def add_metrics(self, d):
@@ -180,13 +188,11 @@ class FakeData:
         return lambda out, p: float(out.strip() == p.answer)
 
 
-def _r3(**kw) -> tuple[R3Reward, FakeModule]:
+def _r3(**kw) -> tuple[R3Reward, FakeHandle]:
     kw.setdefault("verify_on", "answer")
     reward = R3Reward(marker="####", **kw)
-    module = FakeModule(reward)
-    reward.datamodule = FakeData()
-    reward.max_new_tokens = 16
-    reward.bind(module)
+    module = FakeHandle(reward)
+    reward.setup(module, FakeData().verifier)
     return reward, module
 
 
@@ -231,9 +237,9 @@ def test_length_penalty_and_current_and_lagged_reward_policies():
     assert module.policy.calls == 1
     reward, module = _r3(reward_policy="lagged", lag_steps=2)
     first = reward.reward_model()
-    module.global_step = 1
+    module.step = 1
     assert reward.reward_model() is first and reward._rwd_step == 0
-    module.global_step = 2
+    module.step = 2
     reward.reward_model()
     assert reward._rwd_step == 2
 
@@ -272,37 +278,41 @@ def test_online_filter_drops_groups_without_spread():
     groups = [make_group(_prompt("a"), [0], flat), make_group(_prompt("b"), [0], mixed)]
     kept = OnlineVarianceFilter(min_max_sigma=0.05).on_groups(groups, module)
     assert [g.prompt.uid for g in kept] == ["b"] and module.metrics["dro/online_filter_dropped"] == 1
-    module.reward = object()
     with pytest.raises(ConfigError, match="R3Reward"):
-        OnlineVarianceFilter().on_groups(groups, module)
+        OnlineVarianceFilter().setup(SimpleNamespace(), SimpleNamespace(reward=object()), "fit")
 
 
 def _filter_setup():
     mixed, hard, easy = _prompt("mixed"), _prompt("hard"), _prompt("easy")
     reward = R3Reward(marker="####")
-    module = FakeModule(reward, [mixed, hard, easy])
+    module = FakeHandle(reward, [mixed, hard, easy])
     texts = {
         tuple(module.context_of(mixed)): ["g1 #### 7", "b1 #### 7"],  # reasoning decides the answer
         tuple(module.context_of(hard)): ["b1 #### 7", "b2 #### 7"],  # never makes '7' likely
         tuple(module.context_of(easy)): ["g1 #### 7", "g2 #### 7"],  # always does: no spread
     }
     module.engine = ScriptedEngine(texts)
-    reward.datamodule, reward.max_new_tokens = FakeData(), 16
-    reward.bind(module)
+    reward.setup(module, FakeData().verifier)
     return module, [mixed, hard, easy]
+
+
+def _query_filter(module, **kw) -> PeriodicQueryFilter:
+    f = PeriodicQueryFilter(**kw)
+    f.setup(SimpleNamespace(), SimpleNamespace(reward=module.reward), "fit")  # finds the run's R3 reward
+    return f
 
 
 def test_periodic_filter_two_stages_on_a_scripted_policy():
     module, prompts = _filter_setup()
-    f = PeriodicQueryFilter(traces=4, rho=0.5, top_k=5, drop_frac=0.5, carry_frac=0.0)
+    f = _query_filter(module, traces=4, rho=0.5, top_k=5, drop_frac=0.5, carry_frac=0.0)
     res = f.select(prompts, module)
     assert res["best_rank"]["hard"] == (V - 1) / 2  # worst 2 of 3 ranks: "7" is last (V - 1) without a "g", EOS top (0)
     assert res["best_rank"]["mixed"] == 1.0  # its best trace: "7" top (0), " " and EOS just behind it (1)
     assert res["stage1_dropped"] == 1 and res["stage2_dropped"] == 1 and res["kept"] == ["mixed"]
     assert abs(res["max_sigma"]["easy"]) < 1e-6 < res["max_sigma"]["mixed"]
     assert res["tokens_generated"] == 12 * 10 and res["tokens_forwarded"] > 0
-    f.run_round(module)
-    pool = module.trainer.datamodule.train_pool
+    f.run_round(module, module.pool)
+    pool = module.pool
     assert pool.weights.tolist() == [1.0, 0.0, 0.0]
     assert all(p.uid == "mixed" for p in pool.draw(20, torch.Generator().manual_seed(0)))
     kept_step = f.on_groups([], module)
@@ -316,17 +326,16 @@ def test_periodic_filter_two_stages_on_a_scripted_policy():
 
 def test_periodic_filter_carries_forward_and_restores_state():
     module, prompts = _filter_setup()
-    f = PeriodicQueryFilter(traces=2, rho=0.5, top_k=5, drop_frac=0.0, carry_frac=1.0)
+    f = _query_filter(module, traces=2, rho=0.5, top_k=5, drop_frac=0.0, carry_frac=1.0)
     f.kept = {"hard", "easy"}  # the previous round's set
     f._orig_weights = torch.ones(3)
-    f.run_round(module)
+    f.run_round(module, module.pool)
     assert f.kept == {"mixed", "easy", "hard"}  # this round's survivors + the whole previous set carried
     g = PeriodicQueryFilter()
     g.load_state_dict(f.state_dict())
     assert g.kept == f.kept and g.rounds == 1 and g.rng.random() == f.rng.random()
-    module.reward = object()
     with pytest.raises(ConfigError, match="R3Reward"):
-        f.select(prompts, module)
+        f.setup(SimpleNamespace(), SimpleNamespace(reward=object()), "fit")
 
 
 def test_mask_truncated_rows():
@@ -336,7 +345,7 @@ def test_mask_truncated_rows():
     assert truncated_rows(ids, mask, eos).tolist() == [False, True, False]
     batch = SimpleNamespace(input_ids=torch.cat([torch.zeros(3, 2, dtype=torch.long), ids], 1), context_width=2)
     batch.response_mask, batch.advantages = mask.clone(), torch.ones(3, 3) * mask
-    module = SimpleNamespace(tokenizer=TOK, log_metric=lambda k, v: None)
+    module = SimpleNamespace(tokenizer=TOK, log=lambda k, v: None)
     MaskTruncated().on_advantages(batch, module)
     assert batch.response_mask[1].sum() == 0 and batch.advantages[1].sum() == 0 and batch.response_mask[0].sum() == 2
 

@@ -3,7 +3,16 @@
 import pytest
 import torch
 
-from components.algos.losses import AGGREGATIONS, get_aggregation, kl_k3, ppo_clip_loss, token_logprobs_and_entropy
+from components.algos.losses import (
+    AGGREGATIONS,
+    LossConfig,
+    LossInputs,
+    get_aggregation,
+    get_policy_loss,
+    kl_k3,
+    ppo_clip_tokens,
+    token_logprobs_and_entropy,
+)
 from components.errors import ConfigError
 
 X = torch.tensor([[1.0, 2.0, 3.0, 0.0], [4.0, 0.0, 0.0, 0.0]])
@@ -30,7 +39,7 @@ def test_unknown_aggregation_names_field():
 
 def _loss(ratio: float, adv: float, **kw) -> float:
     logp = torch.tensor([[float(torch.log(torch.tensor(ratio)))]])
-    loss, _ = ppo_clip_loss(logp, torch.zeros(1, 1), torch.tensor([[adv]]), torch.ones(1, 1), **kw)
+    loss, _ = ppo_clip_tokens(logp, torch.zeros(1, 1), torch.tensor([[adv]]), torch.ones(1, 1), **kw)
     return loss.item()
 
 
@@ -54,7 +63,7 @@ def test_dual_clip_caps_negative_advantage_loss():
 
 def test_clip_indicator():
     logp = torch.log(torch.tensor([[1.5, 1.0]]))
-    _, info = ppo_clip_loss(logp, torch.zeros(1, 2), torch.ones(1, 2), torch.ones(1, 2))
+    _, info = ppo_clip_tokens(logp, torch.zeros(1, 2), torch.ones(1, 2), torch.ones(1, 2))
     assert info["clipped"].tolist() == [[1.0, 0.0]]
 
 
@@ -66,7 +75,7 @@ def test_ratio_one_gradient_equals_reinforce(agg):
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.float)
     adv = torch.tensor([[0.5], [-1.0], [2.0]]).expand(3, 5) * mask
     logp, _ = token_logprobs_and_entropy(logits, targets)
-    loss, _ = ppo_clip_loss(logp, logp.detach(), adv, mask, clip_low=0.2, clip_high=0.28, dual_clip=3.0)
+    loss, _ = ppo_clip_tokens(logp, logp.detach(), adv, mask, clip_low=0.2, clip_high=0.28, dual_clip=3.0)
     (g_ppo,) = torch.autograd.grad(AGGREGATIONS[agg](loss, mask, norm_len=5), logits)
     logp2, _ = token_logprobs_and_entropy(logits, targets)
     reinforce = AGGREGATIONS[agg](-adv * logp2, mask, norm_len=5)
@@ -124,3 +133,57 @@ def test_seq_mean_token_sum_norm_averages_non_empty_sequences():
     x = torch.tensor([[1.0, 2.0], [5.0, 5.0]])
     m = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
     assert AGGREGATIONS["seq-mean-token-sum-norm"](x, m, norm_len=4).item() == pytest.approx(3 / 4)
+
+
+def _inputs(n: int = 4, r: int = 5, seed: int = 0, **kw):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, r, 7, generator=g, requires_grad=True)
+    targets = torch.randint(0, 7, (n, r), generator=g)
+    logp, ent = token_logprobs_and_entropy(logits, targets)
+    mask = (torch.rand(n, r, generator=g) > 0.2).float()
+    x = LossInputs(
+        logp=logp,
+        old_logp=logp.detach() + 0.1 * torch.randn(n, r, generator=g),
+        advantages=torch.randn(n, 1, generator=g).expand(n, r) * mask,
+        mask=mask,
+        entropy=ent,
+        sampling_logp=logp.detach() + 0.3 * torch.randn(n, r, generator=g),
+        ref_logp=logp.detach() - 0.2,
+        tok_den=mask.sum(),
+        seq_den=(mask.sum(-1) > 0).sum(),
+        norm_len=r,
+    )
+    for k, v in kw.items():
+        setattr(x, k, v)
+    return logits, x
+
+
+@pytest.mark.parametrize("agg", sorted(AGGREGATIONS))
+def test_registered_loss_is_surrogate_plus_tis_kl_entropy_aggregated(agg):
+    cfg = LossConfig(agg=agg, clip_low=0.2, clip_high=0.28, kl_coef=0.05, entropy_coef=0.01, tis_cap=2.0)
+    _, x = _inputs()
+    loss, metrics = get_policy_loss("ppo_clip")(x, cfg)
+    pg, _ = ppo_clip_tokens(x.logp, x.old_logp, x.advantages, x.mask, clip_low=0.2, clip_high=0.28)
+    pg = pg * torch.exp(x.old_logp - x.sampling_logp).clamp(max=2.0)
+    total = pg + 0.05 * kl_k3(x.logp, x.ref_logp) - 0.01 * x.entropy
+    assert loss.item() == pytest.approx(AGGREGATIONS[agg](total, x.mask, norm_len=5).item(), rel=1e-6)
+    for key in ("loss/policy", "loss/kl", "policy/entropy", "policy/clip_frac", "rollout/tis_weight_mean"):
+        assert key in metrics and isinstance(metrics[key], float)
+    assert metrics["loss/kl"] > 0
+
+
+@pytest.mark.parametrize("agg", sorted(AGGREGATIONS))
+def test_micro_batch_shares_add_up_to_the_mini_batch_loss(agg):
+    # The loss of each micro-batch is its share of the mini-batch aggregate: summing the shares of
+    # any split of the rows gives the whole mini-batch's loss (so accumulated gradients are exact).
+    cfg = LossConfig(agg=agg)
+    _, x = _inputs(n=6)
+    whole, _ = get_policy_loss("ppo_clip")(x, cfg)
+    parts = 0.0
+    for rows in (slice(0, 2), slice(2, 3), slice(3, 6)):
+        part = LossInputs(
+            x.logp[rows], x.old_logp[rows], x.advantages[rows], x.mask[rows], x.entropy[rows],
+            x.sampling_logp[rows], x.ref_logp[rows], x.tok_den, x.seq_den, x.norm_len,
+        )  # fmt: skip
+        parts = parts + get_policy_loss("ppo_clip")(part, cfg)[0]
+    assert float(parts) == pytest.approx(float(whole), rel=1e-5)

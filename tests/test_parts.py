@@ -15,6 +15,7 @@ from components.errors import ConfigError
 from components.policy import encode_prompt, load_policy
 from components.rewards.verifier import OverlongPenalty, VerifierReward, score_guarded
 from components.types import Prompt, Rollout
+from tests.fakes import ScriptedHandle
 
 
 def _dm(**kw) -> PromptDataModule:
@@ -51,17 +52,23 @@ def test_draw_stream_resumes_from_state():
     assert [p.uid for p in dm2.draw(4)] == nxt
 
 
+def _handle(max_new_tokens: int = 8) -> ScriptedHandle:
+    h = ScriptedHandle()
+    h.sampling = SamplingParams(max_new_tokens=max_new_tokens)
+    return h
+
+
 def test_task_verifier_is_the_tasks_own_with_partial_credit_as_fail():
     dm = _dm()
     p = dm.train_pool.prompts[0]
     rw = VerifierReward()
-    rw.setup(dm, 8)
+    rw.setup(_handle(), dm.verifier)
     rs = [Rollout([1], [0.0], f" {p.answer} ", True), Rollout([1], [0.0], p.answer + "0", True)]
     rw.score(p, rs)
     assert rs[0].passed and rs[0].reward == 1.0
     assert not rs[1].passed and rs[1].reward == 0.0  # reasoning-gym gives partial credit; a pass is a score of 1
     rw2 = VerifierReward(mode="score")
-    rw2.setup(dm, 8)
+    rw2.setup(_handle(), dm.verifier)
     rw2.score(p, rs)
     assert 0 < rs[1].reward < 1 and not rs[1].passed
 
@@ -77,7 +84,7 @@ def test_file_source_jsonl_with_math_verify(tmp_path):
     p = dm.train_pool.prompts[0]
     assert p.reference == "add"
     rw = VerifierReward()
-    rw.setup(dm, 8)
+    rw.setup(_handle(), dm.verifier)
     rs = [Rollout([1], [0.0], p.answer, True), Rollout([1], [0.0], "nonsense", True)]
     rw.score(p, rs)
     assert [r.passed for r in rs] == [True, False]
@@ -111,11 +118,11 @@ def test_verifier_that_raises_or_returns_nan_is_reported_with_the_prompt():
     rw = VerifierReward()
     # A fault fails the rollout (reward 0, not passed) and is reported with the prompt's uid; the
     # run's RunGuard stops it once faults pass a share (tests/test_reliability.py).
-    rw.setup(DM(lambda out, prompt: 1 / 0), 8)
+    rw.setup(_handle(), DM(lambda out, prompt: 1 / 0).verifier)
     rs = [Rollout([1], [0.0], "2", True)]
     n_err, n_nan, msg = score_guarded(rw, p, rs)
     assert (n_err, n_nan) == (1, 0) and "u1" in msg and rs[0].reward == 0.0 and not rs[0].passed
-    rw.setup(DM(lambda out, prompt: math.nan), 8)
+    rw.setup(_handle(), DM(lambda out, prompt: math.nan).verifier)
     rs = [Rollout([1], [0.0], "2", True)]
     n_err, n_nan, msg = score_guarded(rw, p, rs)
     assert n_nan == 1 and "u1" in msg and rs[0].reward == 0.0 and not rs[0].passed

@@ -19,7 +19,7 @@ from components.samplers.pods import PODSSampler
 from components.samplers.sage import SAGESampler
 from components.samplers.sage_light import SAGELight
 from components.types import Group, Prompt
-from tests.fakes import ScriptedContext, make_prompts
+from tests.fakes import ScriptedHandle, make_prompts
 from tests.test_recipes import SMALL, _metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,7 +91,7 @@ def test_leak_filter_matches_the_answer_as_a_standalone_value(answer, hint, leak
 
 
 def test_self_hint_retries_unparseable_replies_and_drops_leaks():
-    ctx = ScriptedContext()
+    ctx = ScriptedHandle()
     good = json.dumps({"level_1": "think of place value", "level_2": "units first"})
     leak = json.dumps({"level_1": "the answer is 579", "level_2": "add"})
     near = json.dumps({"level_1": "5790 is too big", "level_2": "x_579"})  # not a leak of 579
@@ -112,10 +112,10 @@ def test_self_hint_retries_unparseable_replies_and_drops_leaks():
 
 
 def test_self_hint_skips_a_request_that_cannot_fit_the_context():
-    ctx = ScriptedContext()
+    ctx = ScriptedHandle()
     ctx.replies = [json.dumps({"level_1": "h"})]
     src = SelfHint(max_new_tokens=8)
-    src.setup(context_limit=len(ctx.encode(HINT_SYSTEM + "\nQuestion: \nqa =\n\nSolution:\nr\n")) + 16 + 8)
+    src.setup(context_limit=len(ctx.context_of(HINT_SYSTEM + "\nQuestion: \nqa =\n\nSolution:\nr\n")) + 16 + 8)
     out = src.hints([_p("a", reference="r"), _p("b", reference="r" * 50)], 1, ctx)
     assert out == [{1: "h"}, None] and src.stats["hint/skipped_overflow"] == 1
 
@@ -124,7 +124,7 @@ def test_sage_escalates_until_a_success_and_replaces_the_group():
     # p0 solves without a hint (never hinted); p1 fails plain and at level 1, succeeds at level 2;
     # p2 fails at every level (its level-3 group is kept); p3 has no reference (no hint, kept plain).
     g = 4
-    ctx = ScriptedContext(
+    ctx = ScriptedHandle(
         scripts={
             "p0": [1, 0, 0, 0],
             "p1": [0] * g + [0] * g + [0, 1, 0, 0],
@@ -152,7 +152,7 @@ def test_sage_escalates_until_a_success_and_replaces_the_group():
 
 
 def test_sage_with_every_group_resolved_draws_nothing_more():
-    ctx = ScriptedContext(pass_rates={p.uid: 1.0 for p in make_prompts(3)})
+    ctx = ScriptedHandle(pass_rates={p.uid: 1.0 for p in make_prompts(3)})
     groups = SAGESampler(group_size=4, hints=PrefixHint(use_answer=True)).collect(make_prompts(3), ctx)
     assert len(ctx.calls) == 1 and all(g.size == 4 for g in groups) and ctx.metrics["hint/prompts_with_hint"] == 0
     # Every count is logged each step, 0 when nothing happened (Lightning would repeat a stale value).
@@ -191,13 +191,13 @@ def test_sage_over_ada_seq_restarts_the_pool_in_the_hinted_context():
     # p0 is mixed in round 1 (no hint). p1's round-1 probe fails: the level-1 re-draw REPLACES it
     # inside the same draw, and round 2 draws from the same hinted context, so Ada-Seq's pool (and
     # its p~) covers the hinted draws only and every kept rollout shares the group's context.
-    ctx = ScriptedContext(scripts={"p0": [1, 0], "p1": [0, 0] + [1, 1] + [0, 1]})
+    ctx = ScriptedHandle(scripts={"p0": [1, 0], "p1": [0, 0] + [1, 1] + [0, 1]})
     prompts = [_p("p0", reference="abcd"), _p("p1", reference="abcd")]
     inner = ReinforceAdaSeq(n=2, round_size=2, max_rounds=3)
     groups = SAGESampler(inner=inner, hints=PrefixHint(), template="{problem} {hint}").collect(prompts, ctx)
     assert ctx.calls == [{"p0": 2, "p1": 2}, {"p1": 2}, {"p1": 2}]
     assert ctx.encoded == ["qp1 = a"]  # one hinted context, reused by round 2
-    hinted = ctx.encode("qp1 = a")
+    hinted = ctx.context_of("qp1 = a")
     g0, g1 = groups
     assert "hint_level" not in g0.meta and g0.context_ids == ctx.context_of(prompts[0])
     assert g1.meta["hint_level"] == 1 and g1.context_ids == hinted
@@ -210,14 +210,14 @@ def test_sage_over_dapo_hints_collapsed_groups_before_the_spread_check_and_in_re
     # p0 mixed (kept, no hint); p1 fails plain and at level 1, succeeds at level 2 (kept, hinted);
     # p2 is all-correct (never hinted, dropped for zero spread); the refill's e0 is hinted at level 1.
     extra = [_p("e0", reference="abcd")]
-    ctx = ScriptedContext(scripts={"p0": [1, 0], "p1": [0, 0, 0, 0, 0, 1], "p2": [1, 1], "e0": [0, 0, 1, 0]}, extra_prompts=extra)
+    ctx = ScriptedHandle(scripts={"p0": [1, 0], "p1": [0, 0, 0, 0, 0, 1], "p2": [1, 1], "e0": [0, 0, 1, 0]}, extra_prompts=extra)
     prompts = [_p("p0", reference="abcd"), _p("p1", reference="abcd"), _p("p2", reference="abcd")]
     inner = DynamicSampling(group_size=2, batch_size=3, gen_batch_size=1, max_rounds=2)
     groups = SAGESampler(inner=inner, hints=PrefixHint(), template="{problem} {hint}").collect(prompts, ctx)
     assert [g.prompt.uid for g in groups] == ["p0", "p1", "e0"]
     assert ctx.calls == [{"p0": 2, "p1": 2, "p2": 2}, {"p1": 2}, {"p1": 2}, {"e0": 2}, {"e0": 2}]
     assert [g.meta.get("hint_level") for g in groups] == [None, 2, 1]
-    assert groups[1].context_ids == ctx.encode("qp1 = ab") and groups[2].context_ids == ctx.encode("qe0 = a")
+    assert groups[1].context_ids == ctx.context_of("qp1 = ab") and groups[2].context_ids == ctx.context_of("qe0 = a")
     assert ctx.metrics["dapo/dropped_groups"] == 1 and ctx.metrics["hint/prompts_needing_hint"] == 2
     assert ctx.metrics["hint/prompts_with_hint"] == 2 and ctx.metrics["hint/used_level_1"] == 2
 
@@ -225,9 +225,9 @@ def test_sage_over_dapo_hints_collapsed_groups_before_the_spread_check_and_in_re
 def test_a_hint_that_would_overflow_is_truncated_or_skipped_never_a_crash():
     ref = "x" * 40
     for overflow, expect in (("truncate", "truncated"), ("skip", "skipped_overflow")):
-        ctx = ScriptedContext(scripts={"p": [0, 0, 0, 0, 0, 0, 0, 0]})
+        ctx = ScriptedHandle(scripts={"p": [0, 0, 0, 0, 0, 0, 0, 0]})
         s = SAGESampler(group_size=2, hints=PrefixHint(), template="{problem} {hint}", overflow=overflow)
-        s.transform.prompt_limit = len(ctx.encode("qp = ")) + 5  # room for a few hint characters only
+        s.transform.prompt_limit = len(ctx.context_of("qp = ")) + 5  # room for a few hint characters only
         [g] = s.collect([_p("p", reference=ref)], ctx)
         assert ctx.metrics[f"hint/{expect}"] >= 1
         assert len(g.context_ids) <= s.transform.prompt_limit
@@ -256,7 +256,8 @@ class _FailFirstDraw(Reward):
     ids=["ada_seq", "dapo"],
 )
 def test_the_loss_sees_the_hinted_context_and_evaluation_never_does(inner):
-    from components.step.module import PolicyModule, _SamplerView
+    from components.step.batch import build_batch
+    from components.step.module import PolicyModule
 
     sampler = SAGESampler(inner=inner(), hints=PrefixHint(use_answer=True), template="{problem} {hint}")
     module = PolicyModule(sampler=sampler, reward=_FailFirstDraw(), export_dir=None)
@@ -265,16 +266,16 @@ def test_the_loss_sees_the_hinted_context_and_evaluation_never_does(inner):
     generate = module.engine.generate
     module.engine.generate = lambda c, n, p: (seen.append(c), generate(c, n, p))[1]
 
-    groups = module.sampler.collect(prompts, _SamplerView(module))
+    groups = module.sampler.collect(prompts, module.handle)
     hinted = [module.encode_text(f"{p.text} {p.answer[0]}") for p in prompts]  # level 1: the answer's first digit
     assert [g.context_ids for g in groups] == hinted and all(g.is_mixed for g in groups)
-    batch = module.build_batch(groups)
+    batch = build_batch(groups, module.tokenizer.pad_token_id)
     cw = batch.context_width
     rows = [batch.input_ids[i, :cw][batch.attention_mask[i, :cw].bool()].tolist() for i in range(batch.size)]
     assert rows == [hinted[int(gi)] for gi in batch.group]  # the loss's context is the hinted one
 
     seen.clear()
-    module._eval_prompts(prompts)
+    module.evaluate(prompts)
     assert seen == [[module.encode_text(p.text) for p in prompts]]  # evaluation: the bare prompt
 
 
@@ -306,7 +307,7 @@ def test_sage_light_rules(rule, level, acc, expected):
 
 def test_sage_light_keeps_a_level_per_prompt_across_visits_with_one_pass_and_falls_back():
     good = json.dumps({"level_1": "units first", "level_2": "carry", "level_3": "add tens"})
-    ctx = ScriptedContext(scripts={"a": [0, 0, 0, 0] + [1, 0, 1, 0] + [0, 0, 0, 0] + [0, 0, 0, 0]})
+    ctx = ScriptedHandle(scripts={"a": [0, 0, 0, 0] + [1, 0, 1, 0] + [0, 0, 0, 0] + [0, 0, 0, 0]})
     s = SAGELight(group_size=4, rule="code", hints=SelfHint(attempts=1), template="{problem} {hint}")
     p = _p("a", reference="r")
 
@@ -320,7 +321,7 @@ def test_sage_light_keeps_a_level_per_prompt_across_visits_with_one_pass_and_fal
     assert "hint_level" not in g.meta and ctx.conversations == [] and ctx.metrics["hint/used_no_hint"] == 1
     ctx.replies = [good]
     g = step()  # visit 2: 0 <= 0.1 -> level 1; accuracy 0.5
-    assert g.meta["hint_level"] == 1 and g.context_ids == ctx.encode("qa = units first")
+    assert g.meta["hint_level"] == 1 and g.context_ids == ctx.context_of("qa = units first")
     assert ctx.metrics["hint/acc_level_1_mean"] == 0.5 and ctx.metrics["hint/generate_success"] == 1
     ctx.replies = []
     g = step()  # visit 3: 0.5 > 0.35 -> level 0 (no hint written); accuracy 0
@@ -332,13 +333,13 @@ def test_sage_light_keeps_a_level_per_prompt_across_visits_with_one_pass_and_fal
     s2.load_state_dict(state)  # per-prompt state survives a checkpoint
     s = s2
     g = step()  # visit 4: 0 -> level 1; the new hint fails to parse: the last good one is used
-    assert g.meta["hint_level"] == 1 and g.context_ids == ctx.encode("qa = units first")
+    assert g.meta["hint_level"] == 1 and g.context_ids == ctx.context_of("qa = units first")
     assert ctx.metrics["hint/fallback_used"] == 1 and ctx.metrics["hint/generate_failed"] == 1
     assert s.transform.levels == {"a": 1} and s.transform.accs == {"a": 0.0}
 
 
 def test_sage_light_under_ada_seq_draws_every_round_at_the_prompt_level():
-    ctx = ScriptedContext(scripts={"a": [0, 0] * 3 + [0, 0] + [1, 1]})
+    ctx = ScriptedHandle(scripts={"a": [0, 0] * 3 + [0, 0] + [1, 1]})
     s = SAGELight(
         inner=ReinforceAdaSeq(n=2, round_size=2, max_rounds=3), rule="paper", hints=PrefixHint(), template="{problem} {hint}"
     )
@@ -347,7 +348,7 @@ def test_sage_light_under_ada_seq_draws_every_round_at_the_prompt_level():
     assert "hint_level" not in g.meta and g.n_drawn == 6
     [g] = s.collect([p], ctx)  # visit 2: level 1 in both rounds it takes to finish
     assert g.meta["hint_level"] == 1 and g.n_drawn == 4 and g.n_pos == 2 and ctx.encoded == ["qa = a"]
-    assert all(r.text == f"a|{len(ctx.encode('qa = a'))}" for r in g.rollouts)
+    assert all(r.text == f"a|{len(ctx.context_of('qa = a'))}" for r in g.rollouts)
     assert s.transform.accs["a"] == 0.5 and s.transform.levels["a"] == 1
 
 
@@ -367,11 +368,11 @@ def test_bad_sage_light_settings_name_the_field(kwargs, field):
 
 
 def test_sage_over_pods_and_pods_refuses_a_hinted_down_sampler():
-    ctx = ScriptedContext(scripts={"p": [0, 0, 0, 0] + [1, 0, 1, 0]})
+    ctx = ScriptedHandle(scripts={"p": [0, 0, 0, 0] + [1, 0, 1, 0]})
     s = SAGESampler(inner=PODSSampler(n=4, m=2), hints=PrefixHint(), template="{problem} {hint}")
     [g] = s.collect([_p("p", reference="abcd")], ctx)
     assert ctx.calls == [{"p": 4}, {"p": 4}] and g.size == 2 and g.is_mixed and g.n_drawn == 4
-    assert g.context_ids == ctx.encode("qp = a") and g.meta["hint_level"] == 1
+    assert g.context_ids == ctx.context_of("qp = a") and g.meta["hint_level"] == 1
     assert s.downsamples and not SAGESampler(hints=PrefixHint()).downsamples
     with pytest.raises(ConfigError, match="model.sampler.inner"):
         PODSSampler(inner=SAGELight(inner=ReinforceAdaSeq(), hints=PrefixHint()))

@@ -15,7 +15,7 @@ from components.samplers.allocation import largest_remainder, pearson, water_fil
 from components.samplers.dynamo import DynaMOSampler
 from components.samplers.gvm import GVMSampler, embedding_grad_norms, gvm_ratio
 from components.types import Rollout
-from tests.fakes import ScriptedContext, make_prompts
+from tests.fakes import ModelHandle, ScriptedHandle, make_prompts
 
 # ---- largest remainder --------------------------------------------------------------------------
 
@@ -106,11 +106,11 @@ def test_impossible_budget_from_sampler_config():
     # an absolute budget is checked against the step's prompts
     s = AdaEstSampler(budget=5, n_min=2)
     with pytest.raises(ConfigError) as e:
-        s.collect(make_prompts(4), ScriptedContext())
+        s.collect(make_prompts(4), ScriptedHandle())
     assert e.value.field == "model.sampler.budget"
     s = DynaMOSampler(budget=100, n_min=1, n_max=8)
     with pytest.raises(ConfigError) as e:
-        s.collect(make_prompts(4), ScriptedContext())
+        s.collect(make_prompts(4), ScriptedHandle())
     assert e.value.field == "model.sampler.budget"
 
 
@@ -205,7 +205,7 @@ def test_dynamo_rows_stay_aligned_with_uneven_allocation():
     s = DynaMOSampler(rollouts_per_prompt=8, n_min=2, n_max=16)
     # p0 mixed (high variance), p1 mastered, p2 never solved, p3 a little solved, p4 unseen (exploring)
     s.load_state_dict({"counts": {"p0": [8, 4], "p1": [8, 8], "p2": [8, 0], "p3": [10, 1]}})
-    ctx = ScriptedContext(scripts=_uid_scripts(prompts))
+    ctx = ScriptedHandle(scripts=_uid_scripts(prompts))
     groups = s.collect(prompts, ctx)
     assert len(ctx.calls) == 1  # one generation call with per-prompt counts
     n = [ctx.calls[0].get(p.uid, 0) for p in prompts]
@@ -230,7 +230,7 @@ def test_dynamo_allocation_moves_with_pass_rates():
     prompts = make_prompts(8)
     rates = {p.uid: r for p, r in zip(prompts, [0.0, 0.0, 0.5, 0.5, 0.95, 0.95, 0.3, 0.7], strict=True)}
     s = DynaMOSampler(rollouts_per_prompt=8, n_min=4, n_max=16, positive="passed")
-    ctx = ScriptedContext(pass_rates=rates, seed=1)
+    ctx = ScriptedHandle(pass_rates=rates, seed=1)
     s.collect(prompts, ctx)  # warm-up: uniform
     assert list(ctx.calls[0].values()) == [8] * 8
     for step in range(1, 15):
@@ -254,7 +254,7 @@ def test_est_allocation_proportional_to_weight(weight):
     phat = [(1 + k) / (17 + n) for n, k in state.values()]
     assert phat[0] == pytest.approx(1 / 17) and phat[1] == pytest.approx(9 / 25)
     w = {"inverse": [1 / p for p in phat], "sqrt_var": [math.sqrt(p * (1 - p)) for p in phat], "uniform": [1.0] * 4}[weight]
-    ctx = ScriptedContext(pass_rates={p.uid: 0.5 for p in prompts})
+    ctx = ScriptedHandle(pass_rates={p.uid: 0.5 for p in prompts})
     groups = s.collect(prompts, ctx)
     n = [ctx.calls[0][p.uid] for p in prompts]
     assert sum(n) == 40
@@ -269,14 +269,14 @@ def test_est_ema_update_and_pool_mean_baseline():
     (p,) = make_prompts(1)
     s = AdaEstSampler(rollouts_per_prompt=4)
     s.load_state_dict({"counts": {"p0": [10.0, 5.0]}})
-    ctx = ScriptedContext(scripts={"p0": [1.0, 0.0, 1.0, 1.0]})
+    ctx = ScriptedHandle(scripts={"p0": [1.0, 0.0, 1.0, 1.0]})
     (g,) = s.collect([p], ctx)
     assert s.counts["p0"] == pytest.approx([0.9 * 10 + 4, 0.9 * 5 + 3])
     assert s.estimate("p0") == pytest.approx((1 + 7.5) / (17 + 13))
     assert g.baseline == pytest.approx(0.75) and g.n_drawn == 4 and g.n_pos == 3
     # unseen prompt: counts start at 0
     (q,) = make_prompts(1, prefix="q")
-    s.collect([q], ScriptedContext(scripts={"q0": [0.0, 0.0, 0.0, 1.0]}))
+    s.collect([q], ScriptedHandle(scripts={"q0": [0.0, 0.0, 0.0, 1.0]}))
     assert s.counts["q0"] == [4.0, 1.0]
     assert s.estimate("zzz") == pytest.approx(1 / 17)
 
@@ -285,14 +285,14 @@ def test_prompt_twice_in_a_batch_is_one_visit():
     p = make_prompts(1)[0]
     s = AdaEstSampler(rollouts_per_prompt=2, pilot=1)
     s.load_state_dict({"counts": {"p0": [10.0, 5.0]}})
-    groups = s.collect([p, p], ScriptedContext(scripts={"p0": [1.0, 0.0, 1.0, 1.0]}))
+    groups = s.collect([p, p], ScriptedHandle(scripts={"p0": [1.0, 0.0, 1.0, 1.0]}))
     assert [g.rewards for g in groups] == [[1.0, 1.0], [0.0, 1.0]]  # pilot row first, then the allocated one
     assert s.counts["p0"] == pytest.approx([0.9 * 10 + 4, 0.9 * 5 + 3])  # decayed once, both entries counted
     d = DynaMOSampler(rollouts_per_prompt=4, n_min=1, n_max=8)
-    d.collect([p, p], ScriptedContext(scripts={"p0": [1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]}))
+    d.collect([p, p], ScriptedHandle(scripts={"p0": [1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]}))
     assert d.counts["p0"] == [8, 3]
     g = GVMSampler(rollouts_per_prompt=2)
-    g.collect([p, p], ScriptedContext(scripts={"p0": [1.0, 0.0, 1.0, 1.0]}))
+    g.collect([p, p], ScriptedHandle(scripts={"p0": [1.0, 0.0, 1.0, 1.0]}))
     assert g.counts["p0"] == [4.0, 3.0]
 
 
@@ -300,7 +300,7 @@ def test_est_clip_and_baseline_none():
     s = AdaEstSampler(prior_alpha=1e-9, prior_beta=1e-9, clip=1e-3, baseline="none")
     assert s.pass_rate(10, 0) == pytest.approx(1e-3)
     assert s.pass_rate(10, 10) == pytest.approx(1 - 1e-3)
-    (g,) = s.collect(make_prompts(1), ScriptedContext(pass_rates={"p0": 1.0}))
+    (g,) = s.collect(make_prompts(1), ScriptedHandle(pass_rates={"p0": 1.0}))
     assert g.baseline is None
 
 
@@ -308,7 +308,7 @@ def test_est_pilot_counts_once_and_is_kept():
     prompts = make_prompts(3)
     s = AdaEstSampler(rollouts_per_prompt=8, pilot=2)
     s.load_state_dict({"counts": {"p0": [10.0, 10.0]}})
-    ctx = ScriptedContext(pass_rates={"p0": 1.0, "p1": 0.0, "p2": 0.0})
+    ctx = ScriptedHandle(pass_rates={"p0": 1.0, "p1": 0.0, "p2": 0.0})
     groups = s.collect(prompts, ctx)
     assert len(ctx.calls) == 2 and ctx.calls[0] == {"p0": 2, "p1": 2, "p2": 2}
     assert sum(ctx.calls[1].values()) == 24 - 6
@@ -338,7 +338,7 @@ def test_gvm_allocation_follows_ratio_and_drops_unsolved():
     }
     s = GVMSampler(rollouts_per_prompt=8, n_min=0, zero_budget_unsolved=True)
     s.load_state_dict(state)
-    ctx = ScriptedContext()
+    ctx = ScriptedHandle()
     groups = s.collect(prompts, ctx)
     r = [gvm_ratio(2.0, 0.25), gvm_ratio(1.0, 0.75), 0.0, gvm_ratio(4.0, 0.25)]
     r.append(sum(r) / 4)  # unseen p4: the mean ratio of the known prompts
@@ -351,7 +351,7 @@ def test_gvm_allocation_follows_ratio_and_drops_unsolved():
     # default: unsolved prompts keep the floor
     s2 = GVMSampler(rollouts_per_prompt=8, n_min=1)
     s2.load_state_dict(state)
-    ctx2 = ScriptedContext()
+    ctx2 = ScriptedHandle()
     s2.collect(prompts, ctx2)
     assert ctx2.calls[0]["p2"] == 1
 
@@ -382,7 +382,7 @@ def test_gvm_grad_norm_matches_manual_on_tiny_model(tiny_module):
     weight = m.policy.get_input_embeddings().weight
     pending = torch.full_like(weight, 0.5)
     weight.grad = pending.clone()  # pretend the optimizer has pending gradients
-    norms = embedding_grad_norms(m, p, ctx_ids, rs)
+    norms = embedding_grad_norms(ModelHandle(m.policy, m.tokenizer), p, ctx_ids, rs)
     assert torch.equal(weight.grad, pending)  # untouched
     assert all(q.grad is None for name, q in m.policy.named_parameters() if q is not weight)
     weight.grad = None
@@ -400,8 +400,10 @@ def test_gvm_grad_norm_matches_manual_on_tiny_model(tiny_module):
 def test_gvm_collect_computes_and_caches_g_with_real_policy(tiny_module):
     prompts = make_prompts(4)
     s = GVMSampler(rollouts_per_prompt=4, pilot=2, n_min=2, refresh_every=5, grad_samples=2)
-    ctx = ScriptedContext(pass_rates={"p0": 1.0, "p1": 0.0, "p2": 1.0, "p3": 0.5}, seed=3)
-    ctx.module = tiny_module
+    ctx = ScriptedHandle(pass_rates={"p0": 1.0, "p1": 0.0, "p2": 1.0, "p3": 0.5}, seed=3)
+    # scripted rewards, the real policy for G (through the handle's log-probs)
+    real = ModelHandle(tiny_module.policy, tiny_module.tokenizer)
+    ctx.policy, ctx.tokenizer, ctx.logprobs = real.policy, real.tokenizer, real.logprobs
     s.collect(prompts, ctx)
     assert set(s.grads) >= {"p0", "p2"} and "p1" not in s.grads
     assert all(g > 0 and step == 0 for g, step in s.grads.values())
@@ -433,7 +435,7 @@ def test_state_round_trip_and_same_next_allocation(make):
     prompts = make_prompts(7)
     rates = {p.uid: r for p, r in zip(prompts, [0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0], strict=True)}
     s = make()
-    ctx = ScriptedContext(pass_rates=rates, seed=0)
+    ctx = ScriptedHandle(pass_rates=rates, seed=0)
     for step in range(4):
         ctx.step = step
         s.collect(prompts, ctx)
@@ -446,7 +448,7 @@ def test_state_round_trip_and_same_next_allocation(make):
     t = make()
     t.load_state_dict(loaded)
     assert t.state_dict() == s.state_dict()
-    c1, c2 = ScriptedContext(pass_rates=rates, seed=9), ScriptedContext(pass_rates=rates, seed=9)
+    c1, c2 = ScriptedHandle(pass_rates=rates, seed=9), ScriptedHandle(pass_rates=rates, seed=9)
     c1.step = c2.step = 4
     s.collect(prompts, c1)
     t.collect(prompts, c2)
@@ -458,7 +460,7 @@ def test_every_sampler_keeps_rows_aligned_and_spends_budget(make):
     prompts = make_prompts(6)
     s = make()
     scripts = _uid_scripts(prompts, n=200)
-    ctx = ScriptedContext(scripts=scripts)
+    ctx = ScriptedHandle(scripts=scripts)
     for step in range(3):
         ctx.step = step
         before = {u: len(v) for u, v in ctx.scripts.items()}
@@ -485,7 +487,7 @@ def test_dynamo_epoch_refresh_uses_the_snapshot_of_the_last_epoch():
     prompts = make_prompts(4)
     rates = {p.uid: r for p, r in zip(prompts, [0.0, 0.5, 1.0, 0.5], strict=True)}
     s = DynaMOSampler(rollouts_per_prompt=16, n_min=8, n_max=24, refresh="epoch", epoch_prompts=8, positive="passed")
-    ctx = ScriptedContext(pass_rates=rates, seed=3)
+    ctx = ScriptedHandle(pass_rates=rates, seed=3)
     s.collect(prompts, ctx)  # epoch 0, step 1: no snapshot -> all exploring, uniform
     assert list(ctx.calls[-1].values()) == [16] * 4
     s.collect(prompts, ctx)  # epoch 0, step 2: still the empty snapshot although history exists
@@ -498,7 +500,7 @@ def test_dynamo_epoch_refresh_uses_the_snapshot_of_the_last_epoch():
     assert n["p1"] > n["p0"] and n["p3"] > n["p2"]  # mixed prompts above never-solved / mastered
     assert s.ranked == snap and s.counts != snap  # history moves on, the snapshot waits for the epoch end
     step_mode = DynaMOSampler(rollouts_per_prompt=16, n_min=8, n_max=24, positive="passed")
-    c2 = ScriptedContext(pass_rates=rates, seed=3)
+    c2 = ScriptedHandle(pass_rates=rates, seed=3)
     step_mode.collect(prompts, c2)
     step_mode.collect(prompts, c2)
     assert list(c2.calls[-1].values()) != [16] * 4  # per-step refresh reacts inside the epoch
@@ -511,14 +513,14 @@ def test_dynamo_epoch_refresh_uses_the_snapshot_of_the_last_epoch():
 def test_dynamo_epoch_size_defaults_to_the_pool_and_config_errors():
     pool = make_prompts(6)
     s = DynaMOSampler(rollouts_per_prompt=8, refresh="epoch")
-    ctx = ScriptedContext(pass_rates={p.uid: 0.5 for p in pool})
-    ctx.module = type("M", (), {"trainer": type("T", (), {"datamodule": type("D", (), {"train_pool": pool})})})
+    ctx = ScriptedHandle(pass_rates={p.uid: 0.5 for p in pool})
+    ctx.pool = pool
     s.collect(pool[:3], ctx)
     assert s.epochs == 0
     s.collect(pool[:3], ctx)
     assert s.epochs == 1  # 6 prompts drawn = |pool|
     with pytest.raises(ConfigError, match="model.sampler.epoch_prompts"):
-        DynaMOSampler(rollouts_per_prompt=8, refresh="epoch").collect(pool[:2], ScriptedContext())
+        DynaMOSampler(rollouts_per_prompt=8, refresh="epoch").collect(pool[:2], ScriptedHandle())
     with pytest.raises(ConfigError, match="model.sampler.refresh"):
         DynaMOSampler(refresh="batch")
     with pytest.raises(ConfigError, match="model.sampler.epoch_prompts"):

@@ -16,7 +16,7 @@ from components.samplers.ada_seq import ReinforceAdaSeq
 from components.samplers.base import FixedGroupSampler, Sampler, make_group
 from components.samplers.dapo import DynamicSampling
 from components.samplers.pods import PODSSampler
-from tests.fakes import ScriptedContext, make_prompts
+from tests.fakes import ScriptedHandle, make_prompts
 
 
 def pvar(xs: list[float]) -> float:
@@ -82,7 +82,7 @@ def test_dapo_refills_until_full_and_keeps_first_target() -> None:
         "e2": [1, 0, 1],
         "e3": [1, 1, 0],
     }
-    ctx = ScriptedContext(scripts=scripts, extra_prompts=extra)
+    ctx = ScriptedHandle(scripts=scripts, extra_prompts=extra)
     groups = DynamicSampling(group_size=3, gen_batch_size=2, max_rounds=5).collect(prompts, ctx)
     assert [g.prompt.uid for g in groups] == ["p0", "p3", "e0", "e2"]  # target = len(prompts); e3 is surplus
     assert [list(c) for c in ctx.calls] == [["p0", "p1", "p2", "p3"], ["e0", "e1"], ["e2", "e3"]]
@@ -96,13 +96,13 @@ def test_dapo_stops_at_max_rounds_and_keeps_what_it_has() -> None:
     extra = make_prompts(10, prefix="e")
     scripts = {p.uid: [0.0] * 4 for p in prompts + extra}
     scripts["e1"] = [1.0, 0.0, 0.0, 0.0]
-    ctx = ScriptedContext(scripts=scripts, extra_prompts=extra)
+    ctx = ScriptedHandle(scripts=scripts, extra_prompts=extra)
     groups = DynamicSampling(group_size=4, gen_batch_size=3, max_rounds=3).collect(prompts, ctx)
     assert len(ctx.calls) == 3 and sum(ctx.drawn.values()) == 9 * 4
     assert [g.prompt.uid for g in groups] == ["e1"]
     assert ctx.metrics["dapo/exhausted"] == 1 and ctx.metrics["dapo/rounds"] == 3 and ctx.metrics["dapo/dropped_groups"] == 8
     # Nothing mixed at all: an empty list, no exception.
-    ctx = ScriptedContext(scripts={p.uid: [1.0] * 2 for p in prompts})
+    ctx = ScriptedHandle(scripts={p.uid: [1.0] * 2 for p in prompts})
     assert DynamicSampling(group_size=2, max_rounds=1).collect(prompts, ctx) == []
     assert ctx.metrics["dapo/exhausted"] == 1
 
@@ -111,11 +111,11 @@ def test_dapo_gates_on_spread_not_mean() -> None:
     prompts = make_prompts(4)
     # Means of 0.5 and 0.3 lie strictly between 0 and 1, but only spread matters.
     scripts = {"p0": [0.5, 0.5, 0.5], "p1": [0.3, 0.3, 0.3], "p2": [1.0, 1.0, 0.9], "p3": [0.0, -0.5, 0.0]}
-    ctx = ScriptedContext(scripts=scripts)
+    ctx = ScriptedHandle(scripts=scripts)
     groups = DynamicSampling(group_size=3, batch_size=2, max_rounds=1).collect(prompts, ctx)
     assert [g.prompt.uid for g in groups] == ["p2", "p3"]
     # metric=passed (verl's acc): p3 differs only by a length penalty, so it is dropped; p2 passes 2 of 3.
-    ctx = ScriptedContext(scripts=scripts)
+    ctx = ScriptedHandle(scripts=scripts)
     groups = DynamicSampling(group_size=3, batch_size=2, max_rounds=1, metric="passed").collect(prompts, ctx)
     assert [g.prompt.uid for g in groups] == ["p2"]
 
@@ -147,7 +147,7 @@ def test_ada_balanced_exit_downsampling_and_pool_stats() -> None:
         "p2": [1] * 24,  # never a negative: unfinished, falls back to 4 positives
         "p3": [0, 0, 0, 0, 0, 0, 0, 1] + [0] * 16,  # one positive only: unfinished, 1 positive + 3 negatives
     }
-    ctx = ScriptedContext(scripts=scripts)
+    ctx = ScriptedHandle(scripts=scripts)
     groups = ReinforceAdaSeq(n=4, round_size=8, max_rounds=3).collect(prompts, ctx)
     assert ctx.calls == [{"p0": 8, "p1": 8, "p2": 8, "p3": 8}, {"p1": 8, "p2": 8, "p3": 8}, {"p2": 8, "p3": 8}]
     g0, g1, g2, g3 = groups
@@ -168,7 +168,7 @@ def test_ada_balanced_exit_downsampling_and_pool_stats() -> None:
 def test_ada_positive_exit_and_fallback() -> None:
     prompts = make_prompts(3)
     scripts = {"p0": [0, 0, 1, 1, 1, 1, 1, 1], "p1": [1] * 8, "p2": [0] * 16}
-    ctx = ScriptedContext(scripts=scripts)
+    ctx = ScriptedHandle(scripts=scripts)
     groups = ReinforceAdaSeq(n=4, round_size=8, max_rounds=2, exit="positive").collect(prompts, ctx)
     assert ctx.calls == [{"p0": 8, "p1": 8, "p2": 8}, {"p2": 8}]
     assert groups[0].rewards == [0, 0, 1, 1] and groups[0].baseline == pytest.approx(6 / 8)
@@ -179,12 +179,12 @@ def test_ada_positive_exit_and_fallback() -> None:
 def test_ada_non_binary_rewards_use_threshold_and_reward_mean() -> None:
     prompts = make_prompts(1)
     rewards = [0.8, 0.75, 0.5, 0.6, 0.1, 0.9, 0.2, 0.3]
-    ctx = ScriptedContext(scripts={"p0": list(rewards)})
+    ctx = ScriptedHandle(scripts={"p0": list(rewards)})
     (g,) = ReinforceAdaSeq(n=4, round_size=8, max_rounds=1).collect(prompts, ctx)
     assert g.rewards == [0.8, 0.75, 0.5, 0.6]  # first two > 0.7, first two <= 0.7
     assert g.meta["ada_pos"] == 3 and g.n_pos == 0  # n_pos counts `passed` (reward >= 1 in the fake)
     assert g.baseline == pytest.approx(sum(rewards) / 8)  # mean of rewards, not 3/8
-    ctx = ScriptedContext(scripts={"p0": list(rewards)})
+    ctx = ScriptedHandle(scripts={"p0": list(rewards)})
     (g,) = ReinforceAdaSeq(n=4, round_size=8, max_rounds=1, positive_threshold=0.85).collect(prompts, ctx)
     assert g.rewards == [0.8, 0.75, 0.5, 0.9] and g.meta["ada_round"] is None  # one positive: unfinished, top up
 
@@ -192,7 +192,7 @@ def test_ada_non_binary_rewards_use_threshold_and_reward_mean() -> None:
 def test_ada_baseline_feeds_pool_mean_advantage() -> None:
     prompts = make_prompts(2)
     scripts = {"p0": [1, 0, 0, 0, 0, 0, 1, 0], "p1": [0, 1, 1, 1, 1, 1, 0, 1]}
-    groups = ReinforceAdaSeq(n=4, round_size=8, max_rounds=1).collect(prompts, ScriptedContext(scripts=scripts))
+    groups = ReinforceAdaSeq(n=4, round_size=8, max_rounds=1).collect(prompts, ScriptedHandle(scripts=scripts))
     rewards = torch.tensor([r for g in groups for r in g.rewards], dtype=torch.float)
     gidx = torch.tensor([i for i, g in enumerate(groups) for _ in g.rollouts])
     adv = get_advantage("pool_mean")(rewards, gidx, baseline=torch.tensor([g.baseline for g in groups], dtype=torch.double))
@@ -202,7 +202,7 @@ def test_ada_baseline_feeds_pool_mean_advantage() -> None:
 
 def test_ada_duplicate_prompt_is_two_pools() -> None:
     p = make_prompts(1)
-    ctx = ScriptedContext(scripts={"p0": [1, 1, 0, 0, 0, 0, 0, 0] + [1] * 8})
+    ctx = ScriptedHandle(scripts={"p0": [1, 1, 0, 0, 0, 0, 0, 0] + [1] * 8})
     g1, g2 = ReinforceAdaSeq(n=4, round_size=8, max_rounds=1).collect(p + p, ctx)
     assert (g1.n_drawn, g1.n_pos, g2.n_drawn, g2.n_pos) == (8, 2, 8, 8)
 
@@ -228,7 +228,7 @@ def test_ada_bad_config(kwargs: dict, field: str) -> None:
 def test_pods_max_variance_keeps_pool_stats() -> None:
     prompts = make_prompts(2)
     scripts = {"p0": [0, 0, 1, 0, 0, 1], "p1": [0.2, 0.9, 0.4, 0.4, 0.1, 0.9]}
-    ctx = ScriptedContext(scripts=scripts)
+    ctx = ScriptedHandle(scripts=scripts)
     g0, g1 = PODSSampler(n=6, m=4).collect(prompts, ctx)
     assert ctx.calls == [{"p0": 6, "p1": 6}]
     assert g0.rewards == [0, 0, 1, 1] and (g0.n_drawn, g0.n_pos, g0.reward_sum) == (6, 2, 2)
@@ -241,7 +241,7 @@ def test_pods_max_variance_keeps_pool_stats() -> None:
 
 
 def test_pods_max_reward_and_pool_normalisation() -> None:
-    ctx = ScriptedContext(scripts={"p0": [0, 1, 0, 1, 1, 0]})
+    ctx = ScriptedHandle(scripts={"p0": [0, 1, 0, 1, 1, 0]})
     (g,) = PODSSampler(n=6, m=3, rule="max_reward", normalize_within="pool").collect(make_prompts(1), ctx)
     assert g.rewards == [1, 1, 1] and g.baseline == pytest.approx(0.5)
 
@@ -249,16 +249,16 @@ def test_pods_max_reward_and_pool_normalisation() -> None:
 def test_pods_random_rule_state_round_trip() -> None:
     prompts = make_prompts(3)
     a = PODSSampler(n=8, m=3, rule="random", seed=7)
-    a.collect(prompts, ScriptedContext(seed=1))
+    a.collect(prompts, ScriptedHandle(seed=1))
     buf = io.BytesIO()
     torch.save(a.state_dict(), buf)  # what the Lightning checkpoint does, loaded back weights_only
     state = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
     b = PODSSampler(n=8, m=3, rule="random", seed=123)
     b.load_state_dict(state)
-    ra = a.collect(prompts, ScriptedContext(seed=2))
-    rb = b.collect(prompts, ScriptedContext(seed=2))
+    ra = a.collect(prompts, ScriptedHandle(seed=2))
+    rb = b.collect(prompts, ScriptedHandle(seed=2))
     assert [g.rollouts for g in ra] == [g.rollouts for g in rb]
-    fresh = PODSSampler(n=8, m=3, rule="random", seed=7).collect(prompts, ScriptedContext(seed=2))
+    fresh = PODSSampler(n=8, m=3, rule="random", seed=7).collect(prompts, ScriptedHandle(seed=2))
     assert [g.rollouts for g in fresh] != [g.rollouts for g in ra]  # the RNG really moved on
     assert DynamicSampling().state_dict() == {} and ReinforceAdaSeq().state_dict() == {}
 
@@ -288,7 +288,7 @@ class _Uneven(Sampler):
 def test_pods_with_inner_sampler() -> None:
     inner = _Uneven()
     pods = PODSSampler(m=4, inner=inner)
-    ctx = ScriptedContext(scripts={"p0": [1, 0], "p1": [0, 0, 0, 1, 1, 1]})
+    ctx = ScriptedHandle(scripts={"p0": [1, 0], "p1": [0, 0, 0, 1, 1, 1]})
     g0, g1 = pods.collect(make_prompts(2), ctx)
     assert g0.rewards == [1, 0] and g1.rewards == [0, 0, 1, 1]  # size <= m passes whole
     assert g1.n_drawn == 6 and g0.baseline is None and g1.baseline is None

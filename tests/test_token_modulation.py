@@ -12,7 +12,9 @@ import torch
 from components.callbacks.token_modulation import DynaMOModulation, dynamo_token_factors
 from components.cli import build_cli
 from components.errors import ConfigError
+from components.step.batch import build_batch
 from components.step.module import PolicyModule
+from components.step.update import compute_advantages
 from components.types import Group, Prompt, Rollout
 from tests.test_recipes import SMALL, _metrics
 
@@ -87,9 +89,9 @@ def _real_batch(module: PolicyModule, rewards_by_group: list[list[float]]):
         for ri, r in enumerate(rewards):
             ids = tok.encode(f" {gi + ri}{ri}", add_special_tokens=False)[:4] + [tok.eos_token_id]
             rollouts.append(Rollout(token_ids=ids, logprobs=[-1.0] * len(ids), text="", finished=True, reward=r, passed=r > 0))
-        groups.append(Group(prompt=prompt, context_ids=module.context_of(prompt), rollouts=rollouts))
-    batch = module.build_batch(groups)
-    batch.advantages = module.compute_advantages(batch)
+        groups.append(Group(prompt=prompt, context_ids=module.handle.context_of(prompt), rollouts=rollouts))
+    batch = build_batch(groups, tok.pad_token_id)
+    batch.advantages = compute_advantages(batch, module.adv_cfg)
     return batch
 
 
@@ -102,14 +104,14 @@ def test_callback_on_a_real_batch_is_independent_of_micro_batches_and_zero_rows(
     before = full.advantages.clone()
 
     module.micro_batch_rows = 512
-    cb.on_advantages(full, module)
-    assert module._step_metrics["dynamo/factor_mean"] != 1.0
+    cb.on_advantages(full, module.handle)
+    assert module.step_metrics["dynamo/factor_mean"] != 1.0
     changed = full.advantages != before
     assert changed.any() and not changed[before == 0].any()  # zero advantages stay zero
     assert torch.equal(torch.sign(full.advantages), torch.sign(before))  # factors are positive
 
     module.micro_batch_rows = 2
-    cb.on_advantages(only, module)
+    cb.on_advantages(only, module.handle)
     n = only.size
     assert full.advantages[:n].shape == only.advantages.shape
     assert torch.allclose(full.advantages[:n], only.advantages, atol=1e-6)

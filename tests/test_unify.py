@@ -11,21 +11,23 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from components.algos.advantages import get_advantage, pool_mean_advantage, raft_advantage
-from components.algos.losses import get_policy_loss, ppo_clip_loss, raft_vanilla_loss
+from components.algos.advantages import AdvantageConfig, get_advantage, pool_mean_advantage, raft_advantage
+from components.algos.losses import get_policy_loss, ppo_clip_tokens, raft_vanilla_tokens
 from components.analysis.curves import plot_signal_health
 from components.callbacks.prompt_weights import FObjectiveWeights, check_single_inverse_p, f_weight, smoothed_rate
 from components.errors import ConfigError
 from components.samplers.ada_seq import ReinforceAdaSeq, inverse_rate, selection_weights
 from components.samplers.gvm import GVMSampler, gvm_ratio
+from components.step.batch import build_batch
 from components.step.signal_health import (
     diversity,
     lone_advantage,
     lone_rollouts,
     probe_kl,
 )
+from components.step.update import compute_advantages
 from components.types import Group, Prompt, Rollout
-from tests.fakes import ScriptedContext, make_prompts
+from tests.fakes import ScriptedHandle, make_prompts
 
 
 def _group(uid: str, rewards: list[float], n_drawn: int | None = None, n_pos: int | None = None, texts=None) -> Group:
@@ -56,7 +58,7 @@ class _Log:
     def __init__(self) -> None:
         self.metrics: dict[str, float] = {}
 
-    def log_metric(self, k: str, v: float) -> None:
+    def log(self, k: str, v: float) -> None:
         self.metrics[k] = v
 
 
@@ -170,19 +172,17 @@ def test_weight_config_errors(kwargs, field):
 def test_inverse_p_twice_is_refused():
     fw = FObjectiveWeights(f="log")
     seq = ReinforceAdaSeq(downsample_correct=True)
-    module = SimpleNamespace(sampler=seq, _trainer=SimpleNamespace(callbacks=[fw]))
     with pytest.raises(ConfigError, match="1/p would be applied twice") as e:
-        check_single_inverse_p(module)
+        check_single_inverse_p(seq, [fw])
     assert "\n" not in str(e.value)
     # either alone is fine, and so is the selection correction without its 1/p
-    check_single_inverse_p(SimpleNamespace(sampler=seq, _trainer=SimpleNamespace(callbacks=[])))
-    check_single_inverse_p(SimpleNamespace(sampler=ReinforceAdaSeq(), _trainer=SimpleNamespace(callbacks=[fw])))
+    check_single_inverse_p(seq, [])
+    check_single_inverse_p(ReinforceAdaSeq(), [fw])
     only_sel = ReinforceAdaSeq(downsample_correct=True, correct_log_weight=False)
-    check_single_inverse_p(SimpleNamespace(sampler=only_sel, _trainer=SimpleNamespace(callbacks=[fw])))
+    check_single_inverse_p(only_sel, [fw])
     # through a wrapper sampler (PODS' inner)
-    wrapped = SimpleNamespace(sampler=SimpleNamespace(inner=seq), _trainer=SimpleNamespace(callbacks=[fw]))
     with pytest.raises(ConfigError, match="model.sampler.inner"):
-        check_single_inverse_p(wrapped)
+        check_single_inverse_p(SimpleNamespace(inner=seq), [fw])
 
 
 # ---- 2. Reinforce-Ada-Seq downsample-correct ---------------------------------------------------------
@@ -198,18 +198,18 @@ def test_selection_weights_hand_values():
 
 def test_downsample_correct_sets_rollout_and_group_weights():
     (p,) = make_prompts(1)
-    ctx = ScriptedContext(scripts={p.uid: [1, 0, 0, 0, 0, 0, 0, 1]})
+    ctx = ScriptedHandle(scripts={p.uid: [1, 0, 0, 0, 0, 0, 0, 1]})
     off = ReinforceAdaSeq(n=4, round_size=8, max_rounds=1)
     (g,) = off.collect([p], ctx)
     assert g.weight == 1.0 and [r.weight for r in g.rollouts] == [1.0] * 4  # off by default
-    ctx = ScriptedContext(scripts={p.uid: [1, 0, 0, 0, 0, 0, 0, 1]})
+    ctx = ScriptedHandle(scripts={p.uid: [1, 0, 0, 0, 0, 0, 0, 1]})
     on = ReinforceAdaSeq(n=4, round_size=8, max_rounds=1, downsample_correct=True)
     (g,) = on.collect([p], ctx)
     assert g.rewards == [1, 0, 0, 1]
     assert [r.weight for r in g.rollouts] == pytest.approx([0.5, 1.5, 1.5, 0.5])  # (4/8)(2/2), (4/8)(6/2)
     assert g.weight == pytest.approx(1 / 0.25)
     # p~ = 0: no success anywhere -> weight 0, never inf
-    ctx = ScriptedContext(scripts={p.uid: [0] * 8})
+    ctx = ScriptedHandle(scripts={p.uid: [0] * 8})
     (g,) = on.collect([p], ctx)
     assert g.weight == 0.0 and all(math.isfinite(r.weight) for r in g.rollouts)
 
@@ -221,7 +221,7 @@ def _ada_gradient(p: float, trials: int, seed: int, round_size: int, max_rounds:
     ``pool_mean`` estimator over the ragged groups."""
     (prompt,) = make_prompts(1)
     s = ReinforceAdaSeq(n=4, round_size=round_size, max_rounds=max_rounds, downsample_correct=True)
-    ctx = ScriptedContext(pass_rates={prompt.uid: p}, seed=seed)
+    ctx = ScriptedHandle(pass_rates={prompt.uid: p}, seed=seed)
     groups = [s.collect([prompt], ctx)[0] for _ in range(trials)]
     r = torch.tensor([x for g in groups for x in g.rewards], dtype=torch.double)
     grp = torch.tensor([i for i, g in enumerate(groups) for _ in g.rollouts])
@@ -244,7 +244,7 @@ def test_downsample_correct_unbiased_with_known_p():
     # the un-corrected balanced down-sample (no IPW, no 1/p) is far from it: the correction matters
     (prompt,) = make_prompts(1)
     s = ReinforceAdaSeq(n=4, round_size=8, max_rounds=1)
-    ctx = ScriptedContext(pass_rates={prompt.uid: 0.1}, seed=2)
+    ctx = ScriptedHandle(pass_rates={prompt.uid: 0.1}, seed=2)
     est = []
     for _ in range(2000):
         (g,) = s.collect([prompt], ctx)
@@ -262,7 +262,7 @@ def test_raft_advantage_hand_values():
     g = torch.tensor([0, 0, 1, 1, 2, 2])
     assert raft_advantage(r, g).tolist() == [1.0, 0.0, 1.0, 0.0, 0.5, 0.0]  # max(r, 0), no group baseline
     assert get_advantage("raft") is raft_advantage
-    assert get_policy_loss("raft_vanilla") is raft_vanilla_loss
+    assert get_policy_loss("raft_vanilla").tokens_fn is raft_vanilla_tokens
 
 
 def test_raft_losses_on_hand_tensors():
@@ -271,14 +271,14 @@ def test_raft_losses_on_hand_tensors():
     adv = torch.tensor([[1.0, 1.0], [0.0, 0.0]])  # row 0 accepted, row 1 rejected
     mask = torch.ones(2, 2)
     # vanilla RAFT: -A log pi, ignores the ratio
-    loss, info = raft_vanilla_loss(logp, old, adv, mask)
+    loss, info = raft_vanilla_tokens(logp, old, adv, mask)
     _close(loss, [[0.5, 1.0], [0.0, 0.0]])
     loss.sum().backward()
     _close(logp.grad, [[-1.0, -1.0], [0.0, 0.0]])
     assert info["ratio"][0, 1] == pytest.approx(math.exp(0.5))
     # RAFT++: ratio exp(0.5) = 1.65 > 1.2 with A > 0 -> clipped at 1.2, no gradient on that token
     lp = logp.detach().clone().requires_grad_(True)
-    loss2, info2 = ppo_clip_loss(lp, old, adv, mask, clip_low=0.2, clip_high=0.2, dual_clip=3.0)
+    loss2, info2 = ppo_clip_tokens(lp, old, adv, mask, clip_low=0.2, clip_high=0.2, dual_clip=3.0)
     _close(loss2, [[-1.0, -1.2], [0.0, 0.0]])
     loss2.sum().backward()
     _close(lp.grad, [[-1.0, 0.0], [0.0, 0.0]])
@@ -287,24 +287,11 @@ def test_raft_losses_on_hand_tensors():
 
 
 # ---- 4. GVM as the authors run it ----------------------------------------------------------------
-class _PoolModule:
-    """Enough of a module for the sharded GVM form: a data module's train_pool and add_metrics."""
-
-    def __init__(self, prompts: list[Prompt]) -> None:
-        self.trainer = SimpleNamespace(datamodule=SimpleNamespace(train_pool=SimpleNamespace(prompts=prompts)))
-        self.added: dict[str, float] = {}
-
-    def add_metrics(self, amounts: dict[str, float]) -> None:
-        for k, v in amounts.items():
-            self.added[k] = self.added.get(k, 0) + v
-
-
 def test_gvm_authors_form_shards_stage1_and_no_caps():
     pool = make_prompts(12)
     rates = {p.uid: [0.0, 0.125, 0.5, 1.0][i % 4] for i, p in enumerate(pool)}
-    ctx = ScriptedContext(pass_rates=rates, seed=0)
-    mod = _PoolModule(pool)
-    ctx.module, ctx.add_metrics = mod, mod.add_metrics
+    ctx = ScriptedHandle(pass_rates=rates, seed=0)
+    ctx.pool = pool
     s = GVMSampler(shards=3, stage1=8, rollouts_per_prompt=8, n_min=0, n_max=None)
     shard0 = s.shard_of([p.uid for p in pool], 0)
     assert len(shard0) == 4 and sorted(
@@ -313,7 +300,7 @@ def test_gvm_authors_form_shards_stage1_and_no_caps():
     groups = s.collect(pool[:2], ctx)  # the data module's prompts only set B = 2
     # stage 1: 8 per prompt of the whole shard, one call, not in any group
     assert ctx.calls[0] == {u: 8 for u in shard0}
-    assert mod.added == {"budget/estimation_rollouts": 32, "budget/estimation_tokens": 32 * ctx.tokens}
+    assert ctx.added == {"budget/estimation_rollouts": 32, "budget/estimation_tokens": 32 * ctx.tokens}
     assert s.estimation == [32, 96]
     # allocation normalised over the shard: sums to 8 x 4, p = 0 gets 0, no cap
     assert sum(s.shard_alloc.values()) == 32 and set(s.shard_alloc) == set(shard0)
@@ -332,7 +319,7 @@ def test_gvm_authors_form_shards_stage1_and_no_caps():
     assert s.cursor == 4 and s.shard_index == 0 and len(ctx.calls) == 3
     s.collect(pool[:2], ctx)  # shard 0 done: shard 1 starts with a new stage 1
     assert s.shard_index == 1 and ctx.calls[3] == {u: 8 for u in s.shard_of([p.uid for p in pool], 1)}
-    assert mod.added["budget/estimation_rollouts"] == 64
+    assert ctx.added["budget/estimation_rollouts"] == 64
     # state round trip gives the same next call
     buf = io.BytesIO()
     torch.save(s.state_dict(), buf)
@@ -340,8 +327,8 @@ def test_gvm_authors_form_shards_stage1_and_no_caps():
     t = GVMSampler(shards=3, stage1=8, rollouts_per_prompt=8, n_min=0, n_max=None)
     t.load_state_dict(torch.load(buf, weights_only=True))
     assert t.state_dict() == s.state_dict()
-    c1, c2 = ScriptedContext(pass_rates=rates, seed=5), ScriptedContext(pass_rates=rates, seed=5)
-    c1.module, c2.module = _PoolModule(pool), _PoolModule(pool)
+    c1, c2 = ScriptedHandle(pass_rates=rates, seed=5), ScriptedHandle(pass_rates=rates, seed=5)
+    c1.pool, c2.pool = pool, pool
     s.collect(pool[:2], c1)
     t.collect(pool[:2], c2)
     assert c1.calls == c2.calls
@@ -365,7 +352,7 @@ def test_gvm_authors_form_config_errors(kwargs, field):
 def test_gvm_authors_form_needs_a_pool():
     s = GVMSampler(shards=2, n_min=0)
     with pytest.raises(ConfigError, match="model.sampler.shards"):
-        s.collect(make_prompts(2), ScriptedContext())
+        s.collect(make_prompts(2), ScriptedHandle())
 
 
 # ---- 8. signal health ------------------------------------------------------------------------------
@@ -427,22 +414,22 @@ def test_log_signal_health_on_a_real_batch(tmp_path):
 
     torch.manual_seed(0)
     m = PolicyModule(model="embedded:tiny-init", export_dir=None)
-    m._step_metrics = {}
+    m.step_metrics = {}
     groups = [_group("a", [1, 0, 0]), _group("b", [1, 1])]
     for g in groups:
         for r in g.rollouts:
             r.logprobs = [-0.7] * len(r.token_ids)
-    batch = m.build_batch(groups)
-    batch.advantages = m.compute_advantages(batch)
+    batch = build_batch(groups, m.tokenizer.pad_token_id)
+    batch.advantages = compute_advantages(batch, m.adv_cfg)
     log_signal_health(m, groups, batch)  # first call takes the probe
-    assert m._step_metrics["health/kl_init_probe"] == 0.0
-    assert m._step_metrics["health/lone_groups_frac"] == pytest.approx(0.5)
-    assert "health/distinct_answer_frac" in m._step_metrics
+    assert m.step_metrics["health/kl_init_probe"] == 0.0
+    assert m.step_metrics["health/lone_groups_frac"] == pytest.approx(0.5)
+    assert "health/distinct_answer_frac" in m.step_metrics
     assert m._health_probe.size == 5
-    m._step_metrics = {}
+    m.step_metrics = {}
     assert m.global_step % PROBE_EVERY == 0
     log_signal_health(m, groups, batch)  # the probe's KL against the real policy's log-probs
-    assert math.isfinite(m._step_metrics["health/kl_init_probe"]) and m._step_metrics["health/kl_init_probe"] >= 0
+    assert math.isfinite(m.step_metrics["health/kl_init_probe"]) and m.step_metrics["health/kl_init_probe"] >= 0
     path = plot_signal_health(
         {"grpo": {"health/lone_adv_max": [(0, 0.5), (1, 0.7)], "eval/pass_at_1": [(0, 0.1)]}}, tmp_path / "h.png"
     )
@@ -466,7 +453,7 @@ def test_dynamo_micro_batch_form_uses_the_real_ratio_and_all_tokens():
     old[2, j] += 1.0  # ratio e^-1 < 1 - eps_low with A < 0: the clipped surrogate has no gradient there
     cb = DynaMOModulation(where="micro_batch")
     log = _Log()
-    log.loss_cfg = SimpleNamespace(clip_low=0.2, clip_high=0.28)
+    cb.setup(SimpleNamespace(), SimpleNamespace(loss_cfg=SimpleNamespace(clip_low=0.2, clip_high=0.28)), "fit")
     out = cb.on_micro_batch(logp, old, ent, adv, mask, log)
     want, _ = dynamo_token_factors(adv, logp, ent, mask, ratio=torch.exp(logp - old), stats_over="all")
     torch.testing.assert_close(out, adv * want)
@@ -525,3 +512,13 @@ def test_dynamo_micro_batch_form_runs_inside_the_update_with_the_real_ratio(tmp_
     assert seen[0] == 0.0 and max(seen[1:]) > 0  # first update: ratio 1; later ones: the real ratio
     m = _metrics(tmp_path / "mlflow.db")
     assert all(0.6 <= v <= 1.2 for v in m["dynamo/factor_mean"])
+
+
+def test_raft_threshold_comes_from_the_advantage_config():
+    # Every estimator reads its own options from AdvantageConfig (model.advantage.*), so RAFT's
+    # acceptance threshold is settable from YAML without touching the update.
+    r = torch.tensor([1.0, 0.4, 0.6, 0.0])
+    g = torch.tensor([0, 0, 1, 1])
+    cfg = AdvantageConfig(name="raft", threshold=0.5)
+    assert raft_advantage(r, g, None, cfg).tolist() == pytest.approx([1.0, 0.0, 0.6, 0.0])
+    assert get_advantage("raft")(r, g, None, AdvantageConfig(name="raft")).tolist() == pytest.approx([1.0, 0.4, 0.6, 0.0])

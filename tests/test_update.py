@@ -6,24 +6,18 @@ from __future__ import annotations
 import copy
 import random
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-from components.algos.losses import get_aggregation, get_policy_loss
+from components.algos.losses import LossConfig, truncated_is_weight
 from components.callbacks.base import SignalCallback
 from components.cli import build_cli
 from components.policy import load_policy
-from components.step.update import (
-    LossConfig,
-    Updater,
-    build_batch,
-    forward_logprobs,
-    minibatch_schedule,
-    truncated_is_weight,
-)
+from components.step.batch import build_batch, forward_logprobs
+from components.step.update import OptimizerHooks, Updater, minibatch_schedule
 from components.types import Group, Prompt, Rollout
+from tests.fakes import ModelHandle
 from tests.test_recipes import SMALL, _metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,39 +152,26 @@ def test_truncated_is_weight_by_hand():
     assert not truncated_is_weight(old, sampling, cap=2.0).requires_grad
 
 
-class _FakeModule:
-    """What :class:`Updater` reaches on the module, with plain SGD and no Lightning."""
+class _SGD:
+    """The Lightning side of an update as plain SGD: what the module hands the updater."""
 
     def __init__(self, policy, lr: float = 1.0) -> None:
-        self.policy, self.ref_policy = policy, None
-        self.sampling = SimpleNamespace(max_new_tokens=8, temperature=1.0)
         self.opt = torch.optim.SGD(policy.parameters(), lr=lr)
         self.updates = 0
 
-    def optimizers(self):
-        return self.opt
+    def hooks(self) -> OptimizerHooks:
+        return OptimizerHooks(zero_grad=self.opt.zero_grad, backward=lambda loss: loss.backward(), step=self._step)
 
-    def manual_backward(self, loss):
-        loss.backward()
-
-    def optimizer_update(self, opt, last):
-        opt.step()
+    def _step(self, last: bool) -> None:
+        self.opt.step()
         self.updates += 1
-
-    def _forward_logprobs(self, model, batch, rows):
-        return forward_logprobs(model, batch, rows)[:2]
-
-    @torch.no_grad()
-    def token_logprobs(self, batch, rows=None, model=None):
-        rows = torch.arange(batch.size) if rows is None else rows
-        return self._forward_logprobs(self.policy if model is None else model, batch, rows)
 
 
 class _Recorder(SignalCallback):
     def __init__(self, scale: float = 1.0) -> None:
         self.scale, self.ratios = scale, []
 
-    def on_micro_batch(self, logp, old_logp, entropy, advantages, mask, module):
+    def on_micro_batch(self, logp, old_logp, entropy, advantages, mask, handle):
         assert not logp.requires_grad and logp.shape == old_logp.shape == entropy.shape == mask.shape
         self.ratios.append(float(((logp - old_logp).exp() * mask).sum() / mask.sum()))
         return advantages * self.scale
@@ -206,11 +187,11 @@ def _run_update(tiny, callbacks, num_minibatches=1, tis_cap=None):
     batch = build_batch(groups, tok.pad_token_id)
     batch.advantages = (batch.rewards - 0.5).unsqueeze(1) * batch.response_mask
     lc = LossConfig(tis_cap=tis_cap)
-    upd = Updater(lc, get_aggregation(lc.agg), get_policy_loss(lc.name), 1, num_minibatches, 3, True)
-    fake = _FakeModule(policy, lr=0.1)
+    upd = Updater(lc, 1, num_minibatches, 3, True)
+    fake = _SGD(policy, lr=0.1)
     before = {k: v.clone() for k, v in policy.state_dict().items()}
     torch.manual_seed(0)
-    metrics = upd.run(batch, fake, callbacks)
+    metrics = upd.run(batch, ModelHandle(policy, tok), fake.hooks(), callbacks)
     delta = {k: policy.state_dict()[k] - before[k] for k in before}
     return metrics, delta, fake
 

@@ -16,11 +16,29 @@ Conventions, chosen and tested here:
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-AdvantageFn = Callable[..., torch.Tensor]
+
+@dataclass
+class AdvantageConfig:
+    """Which estimator (``model.advantage.name``) and every estimator's options.
+
+    Each estimator receives this whole object and reads the options it uses, so a new option is a
+    field here and a line in its estimator, never a change to the update.
+    """
+
+    name: str = "grpo"  # grpo | dr_grpo | rloo | pool_mean | raft
+    std: Literal["population", "unbiased"] = "population"  # grpo: divide by the N or the N - 1 std
+    eps: float = 1e-6  # grpo, pool_mean: added to the std before dividing
+    normalize_std: bool = False  # pool_mean only: divide by sqrt(p~(1 - p~))
+    threshold: float = 0.0  # raft only: a rollout is accepted when its reward is above this
+
+
+# (rewards (N,), group (N,), per-group baseline (G,) with NaN = own, or None, config) -> (N,) advantages
+AdvantageFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", AdvantageConfig], torch.Tensor]
 ADVANTAGES: dict[str, AdvantageFn] = {}
 
 
@@ -73,14 +91,11 @@ def _baseline(mean: torch.Tensor, baseline: torch.Tensor | None, group: torch.Te
 
 @register_advantage("grpo")
 def grpo_advantage(
-    rewards: torch.Tensor,
-    group: torch.Tensor,
-    baseline: torch.Tensor | None = None,
-    std: Literal["population", "unbiased"] = "population",
-    eps: float = 1e-6,
-    **_: object,
+    rewards: torch.Tensor, group: torch.Tensor, baseline: torch.Tensor | None = None, cfg: AdvantageConfig | None = None
 ) -> torch.Tensor:
     """GRPO: ``(r - mean_g) / (std_g + eps)``. Size-1 groups without a baseline get 0."""
+    cfg = cfg or AdvantageConfig()
+    std, eps = cfg.std, cfg.eps
     mean, sd, n = group_mean_std(rewards, group, std)
     # A group with zero spread is not divided at all (no 0/0, and no blow-up of a supplied baseline).
     adv = (rewards.double() - _baseline(mean, baseline, group)) / torch.where(sd > 0, sd + eps, torch.ones_like(sd))
@@ -91,7 +106,7 @@ def grpo_advantage(
 
 @register_advantage("dr_grpo")
 def dr_grpo_advantage(
-    rewards: torch.Tensor, group: torch.Tensor, baseline: torch.Tensor | None = None, **_: object
+    rewards: torch.Tensor, group: torch.Tensor, baseline: torch.Tensor | None = None, cfg: AdvantageConfig | None = None
 ) -> torch.Tensor:
     """Dr. GRPO: ``r - mean_g`` (no std division, which up-weights near-degenerate groups)."""
     mean, _sd, n = group_mean_std(rewards, group)
@@ -102,7 +117,9 @@ def dr_grpo_advantage(
 
 
 @register_advantage("rloo")
-def rloo_advantage(rewards: torch.Tensor, group: torch.Tensor, **_: object) -> torch.Tensor:
+def rloo_advantage(
+    rewards: torch.Tensor, group: torch.Tensor, baseline: torch.Tensor | None = None, cfg: AdvantageConfig | None = None
+) -> torch.Tensor:
     """RLOO: ``r_i - mean_{j != i} r_j`` = ``n/(n-1) (r_i - mean_g)``; size-1 groups get 0."""
     mean, _sd, n = group_mean_std(rewards, group)
     adv = (rewards.double() - mean) * n / (n - 1).clamp(min=1)
@@ -111,12 +128,7 @@ def rloo_advantage(rewards: torch.Tensor, group: torch.Tensor, **_: object) -> t
 
 @register_advantage("pool_mean")
 def pool_mean_advantage(
-    rewards: torch.Tensor,
-    group: torch.Tensor,
-    baseline: torch.Tensor | None = None,
-    normalize_std: bool = False,
-    eps: float = 1e-6,
-    **_: object,
+    rewards: torch.Tensor, group: torch.Tensor, baseline: torch.Tensor | None = None, cfg: AdvantageConfig | None = None
 ) -> torch.Tensor:
     """Reinforce-Ada: ``r - p~`` with p~ the mean over *every* sample drawn for the prompt.
 
@@ -124,24 +136,28 @@ def pool_mean_advantage(
     the kept rollouts' mean. ``normalize_std`` divides by the Bernoulli std ``sqrt(p~(1 - p~))``
     (off by default, as in the authors' script: with large pools 1/std explodes).
     """
+    cfg = cfg or AdvantageConfig()
     mean, _sd, _n = group_mean_std(rewards, group)
     b = _baseline(mean, baseline, group)
     adv = rewards.double() - b
-    if normalize_std:
-        adv = adv / ((b * (1 - b)).clamp(min=0).sqrt() + eps)
+    if cfg.normalize_std:
+        adv = adv / ((b * (1 - b)).clamp(min=0).sqrt() + cfg.eps)
     return adv.float()
 
 
 @register_advantage("raft")
-def raft_advantage(rewards: torch.Tensor, group: torch.Tensor, threshold: float = 0.0, **_: object) -> torch.Tensor:
+def raft_advantage(
+    rewards: torch.Tensor, group: torch.Tensor, baseline: torch.Tensor | None = None, cfg: AdvantageConfig | None = None
+) -> torch.Tensor:
     """RAFT (rejection-sampling fine-tuning): ``A = r`` on accepted rollouts (``r > threshold``), 0 otherwise.
 
     The GVM authors' ``compute_raft_outcome_advantage`` (RLHFlow/GVM ``core_algos.py``) is
-    ``max(r, 0)``: with rewards in {0, 1} only reward-1 samples get a gradient, each with weight 1,
+    ``max(r, 0)`` (``model.advantage.threshold`` 0, the default): with rewards in {0, 1} only reward-1 samples get a gradient, each with weight 1,
     and the policy loss turns it into likelihood maximisation of the accepted samples. No baseline,
     no group statistics: ``group`` is unused. Rejected rollouts stay in the batch with A = 0 (as in
     the authors' token-mean, their tokens count in the denominator).
     """
+    threshold = (cfg or AdvantageConfig()).threshold
     r = rewards.double()
     return torch.where(r > threshold, r, torch.zeros_like(r)).float()
 

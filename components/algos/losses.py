@@ -2,18 +2,63 @@
 
 All per-token tensors are ``(N, T)`` over response tokens with a 0/1 ``mask``; ``N`` rollouts of any
 mix of groups. Losses are returned as quantities to *minimise*.
+
+A registered policy loss (``model.loss.name``) is the whole loss of one micro-batch:
+``loss_fn(LossInputs, LossConfig) -> (loss, metrics)``. It is built from a per-token surrogate
+(:func:`ppo_clip_tokens`, :func:`raft_vanilla_tokens`, each registered with
+:func:`register_policy_loss`) by :func:`complete_loss`, which adds what
+every surrogate shares: truncated importance sampling, the KL and entropy terms, and the
+aggregation, taken as this micro-batch's share of its mini-batch so that accumulating the shares
+over micro-batches gives exactly one mini-batch's loss. A new surrogate is one registered function.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from components.errors import ConfigError
 
+
+@dataclass
+class LossConfig:
+    """Policy loss and its aggregation, KL and entropy terms (``model.loss``)."""
+
+    name: str = "ppo_clip"  # ppo_clip | raft_vanilla
+    agg: str = "seq-mean-token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: float | None = None  # e.g. 3.0 or 10.0: caps the loss of negative-advantage tokens
+    kl_coef: float = 0.0  # > 0 keeps a frozen reference copy of the policy (k3 estimator)
+    entropy_coef: float = 0.0
+    norm_len: int | None = None  # seq-mean-token-sum-norm divisor; default: max_new_tokens
+    # Truncated importance sampling: multiply each token's policy-gradient term by
+    # min(exp(old - sampling log-prob), tis_cap) (TRL / verl use 2-3). None: off.
+    tis_cap: float | None = None
+
+
+@dataclass
+class LossInputs:
+    """One micro-batch's tensors, all ``(n, R)`` over response tokens, and its mini-batch's denominators."""
+
+    logp: torch.Tensor  # the policy's log-probs now (with gradient)
+    old_logp: torch.Tensor  # recorded before the generation batch's first update
+    advantages: torch.Tensor
+    mask: torch.Tensor
+    entropy: torch.Tensor  # the policy's entropy now (with gradient)
+    sampling_logp: torch.Tensor  # the engine's log-probs of the sampled tokens
+    ref_logp: torch.Tensor | None  # the frozen reference's (KL term), None without one
+    tok_den: torch.Tensor  # response tokens in the whole mini-batch
+    seq_den: torch.Tensor  # non-empty responses in the whole mini-batch
+    norm_len: int  # the constant length of seq-mean-token-sum-norm
+
+
+TokenLossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
+PolicyLossFn = Callable[[LossInputs, LossConfig], tuple[torch.Tensor, dict[str, float]]]
 AGGREGATIONS: dict[str, Callable[..., torch.Tensor]] = {}
-POLICY_LOSSES: dict[str, Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]] = {}
+POLICY_LOSSES: dict[str, PolicyLossFn] = {}
 
 
 def _register(table: dict, name: str) -> Callable:
@@ -30,7 +75,17 @@ def get_aggregation(name: str) -> Callable[..., torch.Tensor]:
     return AGGREGATIONS[name]
 
 
-def get_policy_loss(name: str) -> Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+def register_policy_loss(name: str) -> Callable[[TokenLossFn], TokenLossFn]:
+    """Register a per-token surrogate under ``name`` as a whole loss (see :func:`complete_loss`)."""
+
+    def deco(tokens_fn: TokenLossFn) -> TokenLossFn:
+        POLICY_LOSSES[name] = complete_loss(tokens_fn)
+        return tokens_fn
+
+    return deco
+
+
+def get_policy_loss(name: str) -> PolicyLossFn:
     if name not in POLICY_LOSSES:
         raise ConfigError("model.loss.name", f"unknown policy loss {name!r}; valid: {sorted(POLICY_LOSSES)}")
     return POLICY_LOSSES[name]
@@ -70,6 +125,61 @@ def seq_mean_token_sum_norm(x: torch.Tensor, mask: torch.Tensor, norm_len: int |
     return (per_seq * has).sum() / has.sum().clamp(min=1)
 
 
+# ---- the registered losses: a surrogate completed with TIS, KL, entropy and aggregation ----------
+def truncated_is_weight(old_logp: torch.Tensor, sampling_logp: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance-sampling weight ``min(exp(old - sampling), cap)`` per token, detached.
+
+    Corrects for the engine sampling from a slightly different distribution than the trainer's
+    (vLLM's kernels, bf16): the policy-gradient term of each token is multiplied by it (TRL's
+    ``vllm_importance_sampling_correction``, verl's TIS). ``old`` is the trainer's log-prob of
+    the token before the update, ``sampling`` the engine's.
+    """
+    return torch.exp((old_logp - sampling_logp).detach()).clamp(max=cap)
+
+
+def complete_loss(tokens_fn: TokenLossFn) -> PolicyLossFn:
+    """The registered loss made of a per-token surrogate: see the module docstring."""
+
+    def loss_fn(x: LossInputs, cfg: LossConfig) -> tuple[torch.Tensor, dict[str, float]]:
+        aggregate = get_aggregation(cfg.agg)
+        mask = x.mask
+        pg, info = tokens_fn(
+            x.logp, x.old_logp, x.advantages, mask, clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip
+        )
+        w = None
+        if cfg.tis_cap is not None:
+            w = truncated_is_weight(x.old_logp, x.sampling_logp, cfg.tis_cap)
+            pg = pg * w
+        total = pg
+        kl = None
+        if x.ref_logp is not None:
+            kl = kl_k3(x.logp, x.ref_logp)
+            total = total + cfg.kl_coef * kl
+        if cfg.entropy_coef:
+            total = total - cfg.entropy_coef * x.entropy
+        # This micro-batch's share of the mini-batch aggregate, so accumulation is exact.
+        share = mask.sum() / x.tok_den if cfg.agg == "token-mean" else (mask.sum(-1) > 0).sum() / x.seq_den
+        loss = aggregate(total, mask, norm_len=x.norm_len) * share
+        with torch.no_grad():
+            ntok = mask.sum().clamp(min=1)
+            metrics = {
+                "loss/policy": float(aggregate(pg, mask, norm_len=x.norm_len)),
+                "policy/entropy": float((x.entropy * mask).sum() / ntok),
+                "policy/clip_frac": float((info["clipped"] * mask).sum() / ntok),
+                "policy/dual_clip_frac": float((info["dual_clipped"] * mask).sum() / ntok),
+                "policy/ratio_mean": float((info["ratio"] * mask).sum() / ntok),
+                "loss/kl": float((kl * mask).sum() / ntok) if kl is not None else 0.0,
+            }
+            if w is not None:
+                metrics["rollout/tis_weight_mean"] = float((w * mask).sum() / ntok)
+                metrics["rollout/tis_capped_frac"] = float(((w >= cfg.tis_cap) * mask).sum() / ntok)
+        return loss, metrics
+
+    loss_fn.tokens_fn = tokens_fn  # type: ignore[attr-defined]
+    loss_fn.__doc__ = f"The whole micro-batch loss around :func:`{tokens_fn.__name__}`."
+    return loss_fn
+
+
 # ---- per-token pieces -------------------------------------------------------------------------
 def token_logprobs_and_entropy(
     logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0
@@ -93,8 +203,8 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return d.exp() - d - 1
 
 
-@_register(POLICY_LOSSES, "ppo_clip")
-def ppo_clip_loss(
+@register_policy_loss("ppo_clip")
+def ppo_clip_tokens(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
     advantages: torch.Tensor,
@@ -123,8 +233,8 @@ def ppo_clip_loss(
     return loss, {"ratio": ratio.detach(), "clipped": clipped_tok, "dual_clipped": dual_tok}
 
 
-@_register(POLICY_LOSSES, "raft_vanilla")
-def raft_vanilla_loss(
+@register_policy_loss("raft_vanilla")
+def raft_vanilla_tokens(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
     advantages: torch.Tensor,

@@ -1,5 +1,6 @@
 """Signal callbacks: Lightning callbacks with three extra hooks that the policy module calls.
 
+Each hook receives the step's :class:`~components.step.handle.StepHandle`, never the module.
 ``on_groups`` filters or re-weights whole groups after sampling and scoring; ``on_advantages``
 reshapes per-token advantages before the loss, once per generation batch; ``on_micro_batch``
 reshapes them inside the update, once per forwarded micro-batch of every mini-batch update, with
@@ -10,7 +11,7 @@ updates). They run in the order they appear in ``trainer.callbacks``. Being Ligh
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import lightning as L
 import torch
@@ -18,15 +19,19 @@ import torch
 from components.algos.selection import population_std
 from components.types import Group
 
+if TYPE_CHECKING:
+    from components.step.batch import TokenBatch
+    from components.step.handle import StepHandle
+
 
 class SignalCallback(L.Callback):
-    """Base class: both hooks default to leaving the signal unchanged."""
+    """Base class: every hook defaults to leaving the signal unchanged."""
 
-    def on_groups(self, groups: list[Group], module: Any) -> list[Group]:
+    def on_groups(self, groups: list[Group], handle: StepHandle) -> list[Group]:
         return groups
 
-    def on_advantages(self, batch: Any, module: Any) -> None:
-        """``batch`` is a :class:`components.step.update.TokenBatch`; modify ``batch.advantages`` in place."""
+    def on_advantages(self, batch: TokenBatch, handle: StepHandle) -> None:
+        """Modify ``batch.advantages`` (per token) in place."""
         return None
 
     def on_micro_batch(
@@ -36,7 +41,7 @@ class SignalCallback(L.Callback):
         entropy: torch.Tensor,
         advantages: torch.Tensor,
         mask: torch.Tensor,
-        module: Any,
+        handle: StepHandle,
     ) -> torch.Tensor:
         """Per-token advantages for this micro-batch's loss; return them (default: unchanged).
 
@@ -63,7 +68,7 @@ class ZeroVarianceFilter(SignalCallback):
     def __init__(self, min_std: float = 0.0) -> None:
         self.min_std = min_std
 
-    def on_groups(self, groups: list[Group], module: Any) -> list[Group]:
+    def on_groups(self, groups: list[Group], handle: StepHandle) -> list[Group]:
         kept = [g for g in groups if g.size >= 2 and population_std(g.rewards) > self.min_std]
-        module.log_metric("filter/dropped_frac", 1 - len(kept) / max(len(groups), 1))
+        handle.log("filter/dropped_frac", 1 - len(kept) / max(len(groups), 1))
         return kept

@@ -32,7 +32,7 @@ import copy
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
@@ -40,6 +40,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from components.callbacks.base import SignalCallback
 from components.errors import ConfigError, RunAborted, StopRequested
 from components.types import Group
+
+if TYPE_CHECKING:
+    from components.step.handle import StepHandle
 
 
 class StepAbandoned(StopRequested):
@@ -122,6 +125,7 @@ class RunGuard(SignalCallback):
         self._saved_on_stop = False
         self._old_handlers: dict[int, Any] = {}
         self._warned_idle = False
+        self._world_size = 1  # data-parallel ranks, read at setup
 
     # ---- signals --------------------------------------------------------------------------------
     def _install(self) -> None:
@@ -178,6 +182,9 @@ class RunGuard(SignalCallback):
             cb.load_state_dict(state)
 
     # ---- lifecycle hooks ----------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
+        self._world_size = trainer.world_size
+
     def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
         self._install()
         self._phase = "setup"
@@ -253,12 +260,12 @@ class RunGuard(SignalCallback):
         print(f"curate-rl: checkpoint written to {path}", file=sys.stderr, flush=True)
 
     # ---- faults -------------------------------------------------------------------------------
-    def on_groups(self, groups: list[Group], module: Any) -> list[Group]:
+    def on_groups(self, groups: list[Group], handle: StepHandle) -> list[Group]:
         degenerate = bool(groups) and all(g.baseline is None and not g.is_mixed for g in groups)
-        module.log_metric("train/degenerate_step", float(degenerate))
+        handle.log("train/degenerate_step", float(degenerate))
         # Single device only: under FSDP a rank that skipped its update would leave the others
         # waiting in their forward's all-gather (the skip would have to be agreed by all ranks).
-        if degenerate and self.skip_degenerate_steps and getattr(module.trainer, "world_size", 1) <= 1:
+        if degenerate and self.skip_degenerate_steps and self._world_size <= 1:
             return []
         return groups
 

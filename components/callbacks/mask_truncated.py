@@ -9,11 +9,15 @@ and no tokens to the loss denominators.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from components.callbacks.base import SignalCallback
+
+if TYPE_CHECKING:
+    from components.step.batch import TokenBatch
+    from components.step.handle import StepHandle
 
 
 def truncated_rows(response_ids: torch.Tensor, response_mask: torch.Tensor, eos_id: int) -> torch.Tensor:
@@ -26,9 +30,9 @@ def truncated_rows(response_ids: torch.Tensor, response_mask: torch.Tensor, eos_
 class MaskTruncated(SignalCallback):
     """Zero the loss mask and advantages of completions that ended without EOS."""
 
-    def on_advantages(self, batch: Any, module: Any) -> None:
+    def on_advantages(self, batch: TokenBatch, handle: StepHandle) -> None:
         resp = batch.input_ids[:, batch.context_width :]
-        cut = truncated_rows(resp, batch.response_mask, module.tokenizer.eos_token_id).to(batch.response_mask.device)
+        cut = truncated_rows(resp, batch.response_mask, handle.tokenizer.eos_token_id).to(batch.response_mask.device)
         batch.response_mask[cut] = 0
         batch.advantages[cut] = 0
-        module.log_metric("loss/truncated_masked_frac", float(cut.float().mean()) if len(cut) else 0.0)
+        handle.log("loss/truncated_masked_frac", float(cut.float().mean()) if len(cut) else 0.0)

@@ -45,12 +45,15 @@ from __future__ import annotations
 
 import importlib
 import math
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from components.callbacks.base import SignalCallback
 from components.errors import ConfigError
 from components.types import Group
+
+if TYPE_CHECKING:
+    from components.step.handle import StepHandle
 
 F_CHOICES = ("identity", "log", "arcsin", "power", "callable")
 
@@ -95,22 +98,20 @@ def normalise_mean_one(weights: list[float]) -> list[float]:
     return [w / mean for w in weights] if mean > 0 else list(weights)
 
 
-def _sources(module: Any) -> list[tuple[str, Any]]:
+def _sources(sampler: Any, callbacks: Sequence[Any]) -> list[tuple[str, Any]]:
     """Every component of a run that may set a prompt weight: the sampler chain and the callbacks."""
     out: list[tuple[str, Any]] = []
-    s, field = getattr(module, "sampler", None), "model.sampler"
+    s, field = sampler, "model.sampler"
     while s is not None:
         out.append((field, s))
         s, field = getattr(s, "inner", None), field + ".inner"
-    trainer = getattr(module, "_trainer", None)
-    for cb in getattr(trainer, "callbacks", None) or []:
-        out.append(("trainer.callbacks", cb))
+    out += [("trainer.callbacks", cb) for cb in callbacks]
     return out
 
 
-def check_single_inverse_p(module: Any) -> None:
+def check_single_inverse_p(sampler: Any, callbacks: Sequence[Any]) -> None:
     """Refuse a recipe in which two components apply the log objective's 1/p (ConfigError, one line)."""
-    hits = [(field, type(c).__name__) for field, c in _sources(module) if getattr(c, "applies_inverse_p", False)]
+    hits = [(field, type(c).__name__) for field, c in _sources(sampler, callbacks) if getattr(c, "applies_inverse_p", False)]
     if len(hits) > 1:
         names = ", ".join(f"{f} ({n})" for f, n in hits)
         raise ConfigError(hits[-1][0], f"1/p would be applied twice, by {names}; keep one source of the 1/p weight")
@@ -219,16 +220,16 @@ class FObjectiveWeights(SignalCallback):
 
     # ---- hooks ------------------------------------------------------------------------------------
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        check_single_inverse_p(pl_module)
+        check_single_inverse_p(getattr(pl_module, "sampler", None), trainer.callbacks)
 
-    def on_groups(self, groups: list[Group], module: Any) -> list[Group]:
+    def on_groups(self, groups: list[Group], handle: StepHandle) -> list[Group]:
         if not groups:
             return groups
         ws, info = self.weights(groups)
         for g, w in zip(groups, ws, strict=True):
             g.weight = g.weight * w
         for k, v in info.items():
-            module.log_metric(f"weight/{k}", v)
+            handle.log(f"weight/{k}", v)
         return groups
 
     # ---- checkpointed state -------------------------------------------------------------------------

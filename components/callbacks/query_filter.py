@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
@@ -36,6 +36,10 @@ from components.callbacks.base import SignalCallback
 from components.errors import ConfigError
 from components.rewards.r3 import R3Reward, split_at_marker, token_spread, worst_rank_score
 from components.types import Group, Prompt
+
+if TYPE_CHECKING:
+    from components.data.datamodule import PromptPool
+    from components.step.handle import StepHandle
 
 # Per-step amounts a round adds (0 in steps without a round).
 _ROUND_KEYS = (
@@ -55,12 +59,12 @@ _TOTAL_OF = {
 }
 
 
-def _r3_of(module: Any, who: str) -> R3Reward:
-    if not isinstance(module.reward, R3Reward):
+def _r3_of(reward: Any, who: str) -> R3Reward:
+    if not isinstance(reward, R3Reward):
         raise ConfigError(
             f"trainer.callbacks.{who}", "reads R3's cross-rollout spread: set model.reward to components.rewards.r3.R3Reward"
         )
-    return module.reward
+    return reward
 
 
 class OnlineVarianceFilter(SignalCallback):
@@ -72,13 +76,15 @@ class OnlineVarianceFilter(SignalCallback):
         self.min_max_sigma = min_max_sigma
         self.total_dropped = 0
 
-    def on_groups(self, groups: list[Group], module: Any) -> list[Group]:
-        _r3_of(module, "OnlineVarianceFilter")
+    def setup(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
+        _r3_of(getattr(pl_module, "reward", None), "OnlineVarianceFilter")
+
+    def on_groups(self, groups: list[Group], handle: StepHandle) -> list[Group]:
         kept = [g for g in groups if g.rollouts and g.rollouts[0].meta.get("r3_max_sigma", 0.0) >= self.min_max_sigma]
         dropped = len(groups) - len(kept)
         self.total_dropped += dropped
-        module.log_metric("dro/online_filter_dropped", dropped)
-        module.log_metric("dro/online_filter_dropped_frac", dropped / max(len(groups), 1))
+        handle.log("dro/online_filter_dropped", dropped)
+        handle.log("dro/online_filter_dropped_frac", dropped / max(len(groups), 1))
         return kept
 
     def state_dict(self) -> dict[str, Any]:
@@ -138,23 +144,24 @@ class PeriodicQueryFilter(SignalCallback):
         self._orig_weights: torch.Tensor | None = None
         self._pending: dict[str, float] = {}
         self.totals: dict[str, float] = {}
+        self.reward: R3Reward | None = None  # the run's R3 reward, found at setup
 
     # ---- one round (pure enough to test on a scripted policy) -----------------------------------
-    def select(self, prompts: list[Prompt], module: Any) -> dict[str, Any]:
+    def select(self, prompts: list[Prompt], handle: StepHandle) -> dict[str, Any]:
         """Score ``prompts`` with ``traces`` fresh reasonings each under the current policy and return
         the uids that survive both stages, with counts and costs."""
-        reward = _r3_of(module, "PeriodicQueryFilter")
+        reward = _r3_of(self.reward, "PeriodicQueryFilter")
         n_gen = n_fwd = 0
         best_rank: dict[str, float] = {}
         max_sigma: dict[str, float] = {}
         for start in range(0, len(prompts), self.chunk):
             part = prompts[start : start + self.chunk]
-            outs = module.engine.generate([module.context_of(p) for p in part], [self.traces] * len(part), module.sampling)
+            outs = handle.generate([handle.context_of(p) for p in part], [self.traces] * len(part))
             for p, rs in zip(part, outs):
                 n_gen += sum(len(r.token_ids) for r in rs)
-                n_fwd += self.traces * len(module.context_of(p)) + sum(len(r.token_ids) for r in rs)  # generation
+                n_fwd += self.traces * len(handle.context_of(p)) + sum(len(r.token_ids) for r in rs)  # generation
                 splits = [split_at_marker(r.text, reward.marker_of(p)) for r in rs]
-                lp, ranks, _, fwd = reward.group_logprobs(p, splits, model=module.policy, ranks=True)
+                lp, ranks, _, fwd = reward.group_logprobs(p, splits, model=handle.policy, ranks=True)
                 n_fwd += fwd
                 best_rank[p.uid] = float(worst_rank_score(ranks, self.rho).min())
                 max_sigma[p.uid] = float(token_spread(lp).max())
@@ -172,9 +179,9 @@ class PeriodicQueryFilter(SignalCallback):
             "max_sigma": max_sigma,
         }
 
-    def run_round(self, module: Any) -> None:
+    def run_round(self, handle: StepHandle, pool: PromptPool) -> None:
+        """One round over ``pool`` (the data module's training pool), whose weights it rewrites."""
         t0 = time.perf_counter()
-        pool = module.trainer.datamodule.train_pool
         if self._orig_weights is None:
             self._orig_weights = pool.weights.clone()
         all_uids = [p.uid for p in pool.prompts]
@@ -182,7 +189,7 @@ class PeriodicQueryFilter(SignalCallback):
         cand = list(pool.prompts)
         if self.max_queries is not None and len(cand) > self.max_queries:
             cand = self.rng.sample(cand, self.max_queries)
-        res = self.select(cand, module)
+        res = self.select(cand, handle)
         scored = {p.uid for p in cand}
         new = set(res["kept"]) | {u for u in prev if u not in scored}  # unscored queries keep their status
         carry_pool = sorted(prev - new)
@@ -194,7 +201,7 @@ class PeriodicQueryFilter(SignalCallback):
         self.kept = new
         self._apply(pool)
         self.rounds += 1
-        self.last_round_step = module.global_step
+        self.last_round_step = handle.step
         for k, v in (
             ("dro/filter_stage1_dropped", res["stage1_dropped"]),
             ("dro/filter_stage2_dropped", res["stage2_dropped"]),
@@ -207,13 +214,15 @@ class PeriodicQueryFilter(SignalCallback):
         ):
             self._pending[k] = self._pending.get(k, 0) + v
 
-    def _apply(self, pool: Any) -> None:
+    def _apply(self, pool: PromptPool) -> None:
         mask = torch.tensor([p.uid in self.kept for p in pool.prompts], dtype=self._orig_weights.dtype)
         pool.weights = self._orig_weights * mask
 
     # ---- Lightning hooks ----------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
+        self.reward = _r3_of(getattr(pl_module, "reward", None), "PeriodicQueryFilter")
+
     def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
-        _r3_of(pl_module, "PeriodicQueryFilter")
         if self.kept is not None:  # resumed: re-apply the restored set
             pool = trainer.datamodule.train_pool
             self._orig_weights = pool.weights.clone()
@@ -227,19 +236,19 @@ class PeriodicQueryFilter(SignalCallback):
         first = self.kept is None
         periodic = self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self.last_round_step
         if first or periodic:
-            self.run_round(pl_module)
+            self.run_round(pl_module.handle, trainer.datamodule.train_pool)
 
-    def on_groups(self, groups: list[Group], module: Any) -> list[Group]:
+    def on_groups(self, groups: list[Group], handle: StepHandle) -> list[Group]:
         # A round runs before the step's metrics are reset, so its counts and costs are reported
         # here; every key is written every step (0 without a round: Lightning repeats the last
         # value of a key that a step does not log).
         pending, self._pending = self._pending, {}
-        module.add_metrics({k: pending.get(k, 0) for k in _ROUND_KEYS})
+        handle.add_metrics({k: pending.get(k, 0) for k in _ROUND_KEYS})
         for k in ("tokens_generated", "tokens_forwarded", "s"):
             self.totals[k] = self.totals.get(k, 0.0) + pending.get(_TOTAL_OF[k], 0.0)
-            module.log_metric(f"dro/filter_cum_{k}", self.totals[k])
-        module.log_metric("dro/filter_rounds", self.rounds)
-        module.log_metric("dro/filter_pool", len(self.kept) if self.kept is not None else 0)
+            handle.log(f"dro/filter_cum_{k}", self.totals[k])
+        handle.log("dro/filter_rounds", self.rounds)
+        handle.log("dro/filter_pool", len(self.kept) if self.kept is not None else 0)
         return groups
 
     def state_dict(self) -> dict[str, Any]:

@@ -55,12 +55,16 @@ body, which was not reachable; they are tested in ``tests/test_token_modulation.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from components.callbacks.base import SignalCallback
 from components.errors import ConfigError
+
+if TYPE_CHECKING:
+    from components.step.batch import TokenBatch
+    from components.step.handle import StepHandle
 
 WHERE = ("batch", "micro_batch")
 # Diagnostics when no token carries an advantage (nothing is modulated).
@@ -165,8 +169,12 @@ class DynaMOModulation(SignalCallback):
         self.where = where
         self._sums: dict[str, float] = {}
         self._n = 0
+        self.clip = (0.2, 0.2)  # the loss's (clip_low, clip_high), read from the run's loss at setup
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        lc = getattr(pl_module, "loss_cfg", None)
+        if lc is not None:
+            self.clip = (lc.clip_low, lc.clip_high)
         if self.where != "micro_batch":
             return
         if not hasattr(SignalCallback, "on_micro_batch"):
@@ -184,15 +192,14 @@ class DynaMOModulation(SignalCallback):
         entropy: torch.Tensor,
         advantages: torch.Tensor,
         mask: torch.Tensor,
-        module: Any,
+        handle: StepHandle,
     ) -> torch.Tensor:
         """The authors' form: factors from this micro-batch's forward and real ratio, over all its tokens."""
         if self.where != "micro_batch":
             return advantages
-        lc = module.loss_cfg
         factor, info = dynamo_token_factors(
             advantages, logp, entropy, mask, ratio=torch.exp((logp - old_logp).clamp(-20, 20)),
-            clip_low=lc.clip_low, clip_high=lc.clip_high,
+            clip_low=self.clip[0], clip_high=self.clip[1],
             mu_max=self.mu_max, lambda_min=self.lambda_min, tau=self.tau, gamma=self.gamma, stats_over="all",
         )  # fmt: skip
         # Diagnostics: the mean over the step's micro-batches, logged by on_train_batch_end.
@@ -200,28 +207,27 @@ class DynaMOModulation(SignalCallback):
             self._sums[k] = self._sums.get(k, 0.0) + v
         self._n += 1
         for k, v in self._sums.items():
-            module.log_metric(f"dynamo/{k}", v / self._n)
+            handle.log(f"dynamo/{k}", v / self._n)
         return advantages * factor.detach()
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         self._sums, self._n = {}, 0
 
-    def on_advantages(self, batch: Any, module: Any) -> None:
+    def on_advantages(self, batch: TokenBatch, handle: StepHandle) -> None:
         if self.where == "micro_batch":
             return
         adv = batch.advantages
         rows = (adv != 0).any(-1).nonzero().squeeze(-1).cpu()
         if len(rows):
-            logp, ent = module.token_logprobs(batch, rows)
+            logp, ent = handle.logprobs(batch, rows)  # no gradient
             idx = rows.to(adv.device)
-            lc = module.loss_cfg
             factor, info = dynamo_token_factors(
                 adv[idx], logp, ent, batch.response_mask[idx],
-                clip_low=lc.clip_low, clip_high=lc.clip_high,
+                clip_low=self.clip[0], clip_high=self.clip[1],
                 mu_max=self.mu_max, lambda_min=self.lambda_min, tau=self.tau, gamma=self.gamma,
             )  # fmt: skip
             adv[idx] = adv[idx] * factor
         else:
             info = dict(_NEUTRAL)
         for k, v in info.items():
-            module.log_metric(f"dynamo/{k}", v)
+            handle.log(f"dynamo/{k}", v)

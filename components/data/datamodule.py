@@ -22,15 +22,18 @@ import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from components.data.prefilter import PrefilterConfig, apply_prefilter
+from components.data.prefilter import PrefilterConfig, PrefilterReport, apply_prefilter
 from components.errors import ConfigError
 from components.types import Prompt, stable_uid
+
+if TYPE_CHECKING:
+    from components.step.handle import StepHandle
 
 Verifier = Callable[[str, Prompt], float]
 
@@ -314,7 +317,7 @@ class PromptDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_pool is not None:
-            self._prefilter_pool(wait=True)
+            self.filter_pool()
             return
         train: list[Prompt] = []
         weights: list[float] = []
@@ -340,7 +343,7 @@ class PromptDataModule(L.LightningDataModule):
             raise ConfigError("data", "the training pool is empty: check data.tasks sizes and data.files contents")
         self.train_pool = PromptPool(train, weights)
         self.heldout = held
-        self._prefilter_pool(wait=True)
+        self.filter_pool()
         # Each data-parallel rank draws its own prompts.
         if self.trainer is not None and self.trainer.world_size > 1:
             self.generator.manual_seed(self.seed + 7919 * self.trainer.global_rank)
@@ -350,21 +353,25 @@ class PromptDataModule(L.LightningDataModule):
         """``k`` more training prompts from the stream (used for batches and for refills)."""
         if self.train_pool is None:
             self.setup("fit")
-        self._prefilter_pool(wait=False)
+        if self.prefilter is not None and self.prefilter_report is None:
+            self.filter_pool(required=True)  # no policy module gave a handle: data.prefilter.model must be set
         return self.train_pool.draw(k, self.generator)
 
-    def _prefilter_pool(self, wait: bool) -> None:
-        """Apply ``data.prefilter`` once, with the run's initial policy (components/data/prefilter.py).
-        Set-up checks build the pool before the trainer is attached: ``wait`` defers it until then."""
+    def filter_pool(self, handle: StepHandle | None = None, required: bool = False) -> PrefilterReport | None:
+        """Apply ``data.prefilter`` once (components/data/prefilter.py) with the run's initial policy
+        through its ``handle`` (the policy module calls this from its ``setup``), or with
+        ``data.prefilter.model`` when that is set. Without either it waits for a handle, unless
+        ``required``. Returns the report when the filter ran in this call, else None."""
         if self.prefilter is None or self.prefilter_report is not None:
-            return
-        if wait and self.trainer is None and self.prefilter.model is None:
-            return
+            return None
+        if handle is None and self.prefilter.model is None and not required:
+            return None
         pool = self.train_pool
         kept, weights, self.prefilter_report = apply_prefilter(
-            self.prefilter, pool.prompts, pool.weights.tolist(), self.verifier, self.trainer
+            self.prefilter, pool.prompts, pool.weights.tolist(), self.verifier, handle
         )
         self.train_pool = PromptPool(kept, weights)
+        return self.prefilter_report
 
     def verifier(self, prompt: Prompt) -> Verifier:
         return self.verifiers[prompt.task]

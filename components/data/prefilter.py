@@ -27,15 +27,19 @@ import json
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from components.errors import ConfigError
-from components.types import Prompt
+from components.types import Prompt, Rollout
+
+if TYPE_CHECKING:
+    from components.step.handle import StepHandle
 
 
 @dataclass
@@ -97,13 +101,14 @@ def cache_key(model_key: str, prompts: list[Prompt], contexts: list[list[int]], 
 def solve_counts(
     prompts: list[Prompt],
     contexts: list[list[int]],
-    engine: Any,
+    generate: Callable[[list[list[int]], list[int], Any], list[list[Rollout]]],
     verifier: Any,
     cfg: PrefilterConfig,
     max_new: int,
     chunk: int = 64,
 ) -> dict[str, int]:
-    """``k`` samples per prompt from ``engine``; the number that pass, by uid (with a progress bar)."""
+    """``k`` samples per prompt from ``generate(contexts, n_each, params)`` (an engine's); the number
+    that pass, by uid (with a progress bar)."""
     from tqdm.auto import tqdm
 
     from components.engines.base import SamplingParams
@@ -114,7 +119,7 @@ def solve_counts(
         torch.manual_seed(cfg.seed)
         for s in range(0, len(prompts), chunk):
             ps, cs = prompts[s : s + chunk], contexts[s : s + chunk]
-            outs = engine.generate(cs, [cfg.k] * len(ps), params)
+            outs = generate(cs, [cfg.k] * len(ps), params)
             for p, rs in zip(ps, outs):
                 verify = verifier(p)
                 counts[p.uid] = sum(float(verify(r.text.strip(), p)) >= 1.0 for r in rs)
@@ -157,17 +162,16 @@ def apply_prefilter(
     prompts: list[Prompt],
     weights: list[float],
     verifier: Any,
-    trainer: Any | None,
+    handle: StepHandle | None = None,
 ) -> tuple[list[Prompt], list[float], PrefilterReport]:
-    """Filter a training pool with the policy of ``trainer``'s PolicyModule (its initial weights,
-    engine, contexts and sampling length), or with ``cfg.model`` when set or when there is no trainer.
+    """Filter a training pool with the run's initial policy, through its ``handle`` (weights,
+    engine, contexts and sampling length), or with ``cfg.model`` when set or when there is no handle.
 
-    Prints a one-line summary and, under a trainer, logs ``prefilter/*`` metrics at step 0.
+    Prints a one-line summary; the caller logs ``report.metrics()``.
     """
     cfg.validate()
     t0 = time.time()
-    policy = getattr(trainer, "lightning_module", None) if trainer is not None else None
-    if cfg.model is not None or policy is None:
+    if cfg.model is not None or handle is None:
         if cfg.model is None:
             raise ConfigError("data.prefilter.model", "no policy to filter with: set data.prefilter.model or run under a trainer")
         from components.engines.hf import HFEngine
@@ -176,12 +180,13 @@ def apply_prefilter(
         model, tok = load_policy(cfg.model)
         engine = HFEngine()
         engine.bind(model, tok)
+        generate = engine.generate
         contexts = [encode_prompt(tok, p.text) for p in prompts]
         max_new = cfg.max_new_tokens
     else:
-        model, engine = policy.policy, policy.engine
-        contexts = [policy.context_of(p) for p in prompts]
-        max_new = cfg.max_new_tokens or policy.sampling.max_new_tokens
+        model, generate = handle.policy, handle.generate
+        contexts = [handle.context_of(p) for p in prompts]
+        max_new = cfg.max_new_tokens or handle.sampling.max_new_tokens
     if max_new is None:
         raise ConfigError("data.prefilter.max_new_tokens", "must be set when filtering without a trainer")
     key = cache_key(_weights_key(model), prompts, contexts, cfg, max_new)
@@ -193,7 +198,7 @@ def apply_prefilter(
         # Duplicates in the pool (small item spaces) are sampled once.
         uniq = {p.uid: (p, c) for p, c in zip(prompts, contexts)}
         ps, cs = [v[0] for v in uniq.values()], [v[1] for v in uniq.values()]
-        counts = solve_counts(ps, cs, engine, verifier, cfg, max_new)
+        counts = solve_counts(ps, cs, generate, verifier, cfg, max_new)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp")  # per process: concurrent runs share the cache
@@ -224,9 +229,6 @@ def apply_prefilter(
         cache_file=str(path) if path else None,
     )
     rank_zero_info(report.summary())
-    if trainer is not None and getattr(trainer, "loggers", None):
-        for lg in trainer.loggers:
-            lg.log_metrics(report.metrics(), step=0)
     if not kept:
         raise ConfigError(
             "data.prefilter", f"no prompt was solved between {cfg.min_solved} and {cfg.upper} of {cfg.k}: the pool is empty"

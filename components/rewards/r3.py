@@ -41,14 +41,18 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from components.errors import ConfigError
 from components.rewards.verifier import Reward, extract_answer
 from components.types import Prompt, Rollout
+
+if TYPE_CHECKING:
+    from components.step.handle import StepHandle
 
 WEIGHTINGS = ("linear", "power", "softmax", "aggr")
 
@@ -277,25 +281,19 @@ class R3Reward(Reward):
         self.reward_policy, self.lag_steps = reward_policy, lag_steps
         self.r3_weight, self.len_beta, self.propagation = r3_weight, len_beta, propagation
         self.verify_on, self.extract, self.micro_batch_rows = verify_on, extract, micro_batch_rows
-        self.module: Any = None
+        self.handle: StepHandle | None = None
         self._rwd_model: torch.nn.Module | None = None
         self._rwd_step = -1
         self._acc_step = -1
         self._acc: dict[str, float] = {}
 
     # ---- setup and validation -----------------------------------------------------------------
-    def setup(self, datamodule: object, max_new_tokens: int) -> None:
-        super().setup(datamodule, max_new_tokens)
-        self.bind(datamodule.trainer.lightning_module)
-        pool = getattr(datamodule, "train_pool", None)
-        self.validate(pool.prompts if pool is not None else [])
-
-    def bind(self, module: Any) -> None:
-        """Attach the policy module (policy, tokenizer, contexts, metric accumulators)."""
-        self.module = module
+    def setup(self, handle: StepHandle, verifier_of: Callable[[Prompt], Callable[[str, Prompt], float]]) -> None:
+        super().setup(handle, verifier_of)
         if self.reward_policy == "frozen":
-            ref = getattr(module, "ref_policy", None)  # the KL reference is the same frozen initial policy
-            self._rwd_model = ref if ref is not None else copy.deepcopy(module.policy).eval().requires_grad_(False)
+            ref = handle.ref_policy  # the KL reference is the same frozen initial policy
+            self._rwd_model = ref if ref is not None else copy.deepcopy(handle.policy).eval().requires_grad_(False)
+        self.validate(handle.train_prompts())
 
     def marker_of(self, prompt: Prompt) -> str:
         m = getattr(prompt, "answer_marker", None) or self.marker
@@ -319,12 +317,12 @@ class R3Reward(Reward):
         return ref[ref.rfind(m) + len(m) :] if m in ref else ref
 
     def _encode(self, text: str) -> list[int]:
-        return list(self.module.tokenizer(text, add_special_tokens=False).input_ids)
+        return list(self.handle.tokenizer(text, add_special_tokens=False).input_ids)
 
     def target_ids(self, prompt: Prompt) -> list[int]:
         ids = self._encode(self.target_text(prompt))
-        if self.eos and self.module.tokenizer.eos_token_id is not None:
-            ids.append(self.module.tokenizer.eos_token_id)
+        if self.eos and self.handle.tokenizer.eos_token_id is not None:
+            ids.append(self.handle.tokenizer.eos_token_id)
         if not ids:
             raise ConfigError("model.reward.target", f"prompt uid={prompt.uid}: the reference answer is empty")
         return ids
@@ -332,8 +330,8 @@ class R3Reward(Reward):
     def validate(self, prompts: list[Prompt]) -> None:
         """One-line errors for data R3 cannot score: a missing reference, a marker the tokenizer
         cannot write, or a prompt whose context + reasoning + reference exceed the model's positions."""
-        tok = self.module.tokenizer
-        max_pos = getattr(getattr(self.module.policy, "config", None), "max_position_embeddings", None)
+        tok = self.handle.tokenizer
+        max_pos = getattr(getattr(self.handle.policy, "config", None), "max_position_embeddings", None)
         for m in {self.marker_of(p) for p in prompts} | ({self.marker} if self.marker else set()):
             ids = self._encode(m)
             if not ids or tok.unk_token_id in ids or tok.decode(ids) != m:
@@ -342,7 +340,7 @@ class R3Reward(Reward):
                 )
         for p in prompts:
             y = self.target_ids(p)
-            need = len(self.module.context_of(p)) + self.max_new_tokens + len(self._encode(self.marker_of(p))) + len(y)
+            need = len(self.handle.context_of(p)) + self.max_new_tokens + len(self._encode(self.marker_of(p))) + len(y)
             if max_pos is not None and need > max_pos:
                 raise ConfigError(
                     "model.reward.target",
@@ -352,15 +350,15 @@ class R3Reward(Reward):
 
     # ---- scoring --------------------------------------------------------------------------------
     def reward_model(self) -> torch.nn.Module:
-        m = self.module
+        m = self.handle
         if self.reward_policy == "current":
             return m.policy
-        if self.reward_policy == "lagged" and (self._rwd_model is None or m.global_step - self._rwd_step >= self.lag_steps):
+        if self.reward_policy == "lagged" and (self._rwd_model is None or m.step - self._rwd_step >= self.lag_steps):
             if self._rwd_model is None:
                 self._rwd_model = copy.deepcopy(m.policy).eval().requires_grad_(False)
             else:
                 self._rwd_model.load_state_dict(m.policy.state_dict())
-            self._rwd_step = m.global_step
+            self._rwd_step = m.step
         # The copy is not a registered submodule (Lightning does not move it): follow the policy.
         p = next(self._rwd_model.parameters(), None)
         if p is not None and p.device != torch.device(m.device):
@@ -368,7 +366,7 @@ class R3Reward(Reward):
         return self._rwd_model
 
     def _verify(self, prompt: Prompt, rollouts: list[Rollout], splits: list[Split]) -> None:
-        verify = self.datamodule.verifier(prompt)
+        verify = self.verifier_of(prompt)
         for r, s in zip(rollouts, splits):
             text = s.answer if self.verify_on == "answer" else r.text
             answer = extract_answer(text, self.extract)
@@ -382,7 +380,7 @@ class R3Reward(Reward):
     def group_logprobs(self, prompt: Prompt, splits: list[Split], model: torch.nn.Module | None = None, ranks: bool = False):
         """Teacher-forced log-probs ``(G, L)`` of the reference after each rollout's reasoning
         (and ranks with ``ranks``), the target ids, and the number of tokens forwarded."""
-        ctx = self.module.context_of(prompt)
+        ctx = self.handle.context_of(prompt)
         marker_ids = self._encode(self.marker_of(prompt))
         y = self.target_ids(prompt)
         prefixes = [ctx + self._encode(s.reasoning) + marker_ids for s in splits]
@@ -390,10 +388,10 @@ class R3Reward(Reward):
             model if model is not None else self.reward_model(),
             prefixes,
             y,
-            self.module.tokenizer.pad_token_id,
+            self.handle.tokenizer.pad_token_id,
             self.micro_batch_rows,
             ranks=ranks,
-            device=self.module.device,
+            device=self.handle.device,
         )
         return lp, rk, y, sum(len(p) + len(y) for p in prefixes)
 
@@ -414,7 +412,7 @@ class R3Reward(Reward):
         prop = None if self.propagation is None else (self.propagation.top_frac, self.propagation.gamma)
         r3, w, sigma = r3_scores(logp, self.weighting, self.eps, self.gamma, self.tau, prop)
         ref_len = len(self._encode(self.target_text(prompt).strip()))  # both answers compared stripped
-        y_toks = [self.module.tokenizer.decode([t]) for t in y]
+        y_toks = [self.handle.tokenizer.decode([t]) for t in y]
         shown = " ".join(f"{t!r}:{float(x):.2f}" for t, x in zip(y_toks, w))
         for i, (r, s) in enumerate(zip(rollouts, splits)):
             gen_len = len(self._encode(s.answer.strip())) if s.has_marker else 0
@@ -428,9 +426,9 @@ class R3Reward(Reward):
 
     # ---- metrics --------------------------------------------------------------------------------
     def _record(self, rollouts, splits, r3, sigma, w, n_fwd, seconds) -> None:
-        m = self.module
-        if m.global_step != self._acc_step:
-            self._acc_step, self._acc = m.global_step, {}
+        m = self.handle
+        if m.step != self._acc_step:
+            self._acc_step, self._acc = m.step, {}
         a = self._acc
         G = len(rollouts)
 
@@ -450,15 +448,15 @@ class R3Reward(Reward):
             add("corr_sum", c)
             add("corr_n", 1)
         n = max(a["rollouts"], 1)
-        m.log_metric("dro/r3_mean", a["r3_sum"] / n)
-        m.log_metric("dro/r3_std", a["r3_std_sum"] / a["groups"])
-        m.log_metric("dro/sigma_max_mean", a["sigma_max_sum"] / a["groups"])
-        m.log_metric("dro/weight_max_mean", a["w_max_sum"] / a["groups"])
-        m.log_metric("dro/no_marker", a["no_marker"])
-        m.log_metric("dro/no_marker_frac", a["no_marker"] / n)
-        m.log_metric("dro/reasoning_len", a["reasoning_len_sum"] / n)
+        m.log("dro/r3_mean", a["r3_sum"] / n)
+        m.log("dro/r3_std", a["r3_std_sum"] / a["groups"])
+        m.log("dro/sigma_max_mean", a["sigma_max_sum"] / a["groups"])
+        m.log("dro/weight_max_mean", a["w_max_sum"] / a["groups"])
+        m.log("dro/no_marker", a["no_marker"])
+        m.log("dro/no_marker_frac", a["no_marker"] / n)
+        m.log("dro/reasoning_len", a["reasoning_len_sum"] / n)
         # NaN when no group had spread in both R3 and the verifier (logged every step all the same:
         # Lightning repeats the last value of a key a step leaves out).
-        m.log_metric("dro/r3_verifier_groups", a.get("corr_n", 0.0))
-        m.log_metric("dro/r3_verifier_corr", a["corr_sum"] / a["corr_n"] if a.get("corr_n") else math.nan)
+        m.log("dro/r3_verifier_groups", a.get("corr_n", 0.0))
+        m.log("dro/r3_verifier_corr", a["corr_sum"] / a["corr_n"] if a.get("corr_n") else math.nan)
         m.add_metrics({"budget/tokens_forwarded": n_fwd, "dro/tokens_forwarded": n_fwd, "time/r3_s": seconds})

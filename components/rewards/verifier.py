@@ -13,20 +13,29 @@ from __future__ import annotations
 import math
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from components.errors import ConfigError
 from components.types import Prompt, Rollout
 
+if TYPE_CHECKING:
+    from components.step.handle import StepHandle
+
 
 class Reward(ABC):
-    """Scores the rollouts of one prompt in place."""
+    """Scores the rollouts of one prompt in place.
 
-    def setup(self, datamodule: object, max_new_tokens: int) -> None:
-        """Called once with the DataModule (which owns the tasks' verifiers)."""
-        self.datamodule = datamodule
-        self.max_new_tokens = max_new_tokens
+    ``setup`` is called once, before training, with the step's handle (components/step/handle.py:
+    the policy, the tokenizer, the contexts, the sampling settings, metrics) and ``verifier_of``,
+    which gives each prompt's task verifier ``verify(answer, prompt) -> score`` (the data module's).
+    """
+
+    def setup(self, handle: StepHandle, verifier_of: Callable[[Prompt], Callable[[str, Prompt], float]]) -> None:
+        self.handle = handle
+        self.verifier_of = verifier_of
+        self.max_new_tokens = handle.sampling.max_new_tokens
 
     @abstractmethod
     def score(self, prompt: Prompt, rollouts: list[Rollout]) -> None:
@@ -125,7 +134,7 @@ class VerifierReward(Reward):
         self.overlong = overlong
 
     def score(self, prompt: Prompt, rollouts: list[Rollout]) -> None:
-        verify = self.datamodule.verifier(prompt)
+        verify = self.verifier_of(prompt)
         for r in rollouts:
             answer = extract_answer(r.text, self.extract)
             try:

@@ -11,7 +11,7 @@ from typing import Any
 
 from components.errors import ConfigError
 from components.samplers.allocation import AllocationSampler, Plan, by_uid
-from components.samplers.base import SamplingContext
+from components.step.handle import StepHandle
 from components.types import Group, Prompt, Rollout
 
 WEIGHTS = ("inverse", "sqrt_var", "uniform")
@@ -121,16 +121,16 @@ class AdaEstSampler(AllocationSampler):
         return self.pass_rate(n, k)
 
     # ---- AllocationSampler hooks ----------------------------------------------------------------
-    def plan(self, prompts: list[Prompt], ctx: SamplingContext, pilot: list[list[Rollout]] | None) -> Plan:
+    def plan(self, prompts: list[Prompt], handle: StepHandle, pilot: list[list[Rollout]] | None) -> Plan:
         pooled = by_uid(prompts, pilot) if pilot else {}
         phat = [self.estimate(p.uid, pooled.get(p.uid)) for p in prompts]
-        ctx.log("ada/phat_mean", sum(phat) / len(phat))
-        ctx.log("ada/phat_min", min(phat))
-        ctx.log("ada/phat_max", max(phat))
-        ctx.log("ada/seen_frac", sum(p.uid in self.counts for p in prompts) / len(prompts))
+        handle.log("ada/phat_mean", sum(phat) / len(phat))
+        handle.log("ada/phat_min", min(phat))
+        handle.log("ada/phat_max", max(phat))
+        handle.log("ada/seen_frac", sum(p.uid in self.counts for p in prompts) / len(prompts))
         return Plan(shares=[self.weight_of(p) for p in phat], pass_rates=list(phat))
 
-    def observe(self, prompts: list[Prompt], outs: list[list[Rollout]], ctx: SamplingContext) -> None:
+    def observe(self, prompts: list[Prompt], outs: list[list[Rollout]], handle: StepHandle) -> None:
         for uid, rs in by_uid(prompts, outs).items():  # one visit per uid, even if it occurs twice in the batch
             n, k = self.counts.get(uid, (0.0, 0.0))
             self.counts[uid] = [self.decay * n + len(rs), self.decay * k + float(sum(r.passed for r in rs))]

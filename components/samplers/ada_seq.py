@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from components.algos.selection import balanced_indices
 from components.errors import ConfigError
-from components.samplers.base import Sampler, SamplingContext, make_group
+from components.samplers.base import Sampler, make_group
+from components.step.handle import StepHandle
 from components.types import Group, Prompt, Rollout
 
 EXITS = ("balanced", "positive")
@@ -127,14 +128,14 @@ class ReinforceAdaSeq(Sampler):
             return pos >= 1
         return pos >= self.n // 2 and len(pool) - pos >= self.n - self.n // 2
 
-    def collect(self, prompts: list[Prompt], ctx: SamplingContext) -> list[Group]:
+    def collect(self, prompts: list[Prompt], handle: StepHandle) -> list[Group]:
         pools: list[list[Rollout]] = [[] for _ in prompts]  # every rollout drawn, in generation order
         finished_in: dict[int, int] = {}  # batch position -> round it finished
         active = list(range(len(prompts)))
         rounds = 0
         while active and rounds < self.max_rounds:
             rounds += 1
-            outs = ctx.sample([prompts[i] for i in active], [self.round_size] * len(active))
+            outs = handle.sample([prompts[i] for i in active], [self.round_size] * len(active))
             for i, rs in zip(active, outs, strict=True):
                 pools[i].extend(rs)
                 if self._finished(pools[i]):
@@ -146,7 +147,7 @@ class ReinforceAdaSeq(Sampler):
             is_pos = [r.reward > self.positive_threshold for r in pool]
             kept_idx = balanced_indices(is_pos, self.n, self.n // 2)
             kept = [pool[j] for j in kept_idx]
-            g = make_group(p, ctx.context_of(p), kept, drawn=pool)
+            g = make_group(p, handle.context_of(p), kept, drawn=pool)
             g.baseline = g.pool_mean
             g.meta.update(ada_pos=sum(is_pos), ada_round=finished_in.get(i))
             if self.downsample_correct:
@@ -159,11 +160,11 @@ class ReinforceAdaSeq(Sampler):
         b = max(len(prompts), 1)
         drawn = sum(len(pool) for pool in pools)
         first = [r.reward for pool in pools for r in pool[: self.round_size]]
-        ctx.log("ada/rounds_used", rounds)
-        ctx.log("ada/finished_round1_frac", sum(r == 1 for r in finished_in.values()) / b)
-        ctx.log("ada/unfinished_frac", (len(prompts) - len(finished_in)) / b)
-        ctx.log("ada/kept_samples", sum(g.size for g in groups))
-        ctx.log("ada/drawn_samples", drawn)
-        ctx.log("ada/extra_samples_vs_n", drawn / (self.n * b) - 1 if prompts else 0.0)
-        ctx.log("ada/round1_reward", sum(first) / max(len(first), 1))
+        handle.log("ada/rounds_used", rounds)
+        handle.log("ada/finished_round1_frac", sum(r == 1 for r in finished_in.values()) / b)
+        handle.log("ada/unfinished_frac", (len(prompts) - len(finished_in)) / b)
+        handle.log("ada/kept_samples", sum(g.size for g in groups))
+        handle.log("ada/drawn_samples", drawn)
+        handle.log("ada/extra_samples_vs_n", drawn / (self.n * b) - 1 if prompts else 0.0)
+        handle.log("ada/round1_reward", sum(first) / max(len(first), 1))
         return groups

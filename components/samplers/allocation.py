@@ -15,7 +15,7 @@ Both raise :class:`~components.errors.ConfigError` naming the field when the bud
 :class:`AllocationSampler` is the base of the allocation samplers. A subclass only says how much each
 prompt *deserves* (real-valued shares, plus the pass-rate estimates behind them) and how it learns
 from outcomes; the base owns the budget, the optional pilot round, integerisation, generation and
-the metrics. It calls ``ctx.sample(prompts, n_each)`` once (twice with a pilot round) with
+the metrics. It calls ``handle.sample(prompts, n_each)`` once (twice with a pilot round) with
 per-prompt counts, and the engine hands rollouts back grouped per prompt, so a rollout can never be
 attached to another prompt's answer or group (the row-misalignment pitfall of reference §5f).
 """
@@ -28,7 +28,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from components.errors import ConfigError
-from components.samplers.base import Sampler, SamplingContext, make_group
+from components.samplers.base import Sampler, make_group
+from components.step.handle import StepHandle
 from components.types import Group, Prompt, Rollout
 
 BUDGET_FIELD = "model.sampler.rollouts_per_prompt"
@@ -206,7 +207,7 @@ class AllocationSampler(Sampler):
     Per step: budget ``= rollouts_per_prompt x len(prompts)`` (or ``budget`` when set); optionally a
     pilot round of ``pilot`` rollouts per prompt (kept in the group, counted in the budget);
     :meth:`plan` gives real shares; :meth:`integerise` turns them into counts (floors ``n_min``,
-    caps ``n_max``, exact sum); one ``ctx.sample`` call with those counts; one group per prompt that
+    caps ``n_max``, exact sum); one ``handle.sample`` call with those counts; one group per prompt that
     got at least one rollout; :meth:`observe` updates per-prompt state from every rollout drawn.
 
     Metrics under ``<prefix>/``: ``budget``, ``n_min``, ``n_max``, ``n_mean``, ``n_std``,
@@ -264,11 +265,11 @@ class AllocationSampler(Sampler):
 
     # ---- what subclasses implement ------------------------------------------------------------
     @abstractmethod
-    def plan(self, prompts: list[Prompt], ctx: SamplingContext, pilot: list[list[Rollout]] | None) -> Plan:
+    def plan(self, prompts: list[Prompt], handle: StepHandle, pilot: list[list[Rollout]] | None) -> Plan:
         """Real-valued shares for this step's prompts (``pilot``: the pilot rollouts, if any)."""
 
     @abstractmethod
-    def observe(self, prompts: list[Prompt], outs: list[list[Rollout]], ctx: SamplingContext) -> None:
+    def observe(self, prompts: list[Prompt], outs: list[list[Rollout]], handle: StepHandle) -> None:
         """Update per-prompt state from every rollout drawn this step (pilot included); see :func:`by_uid`
         for prompts that occur twice in one batch."""
 
@@ -288,7 +289,7 @@ class AllocationSampler(Sampler):
     def total_budget(self, num_prompts: int) -> int:
         return self.budget if self.budget is not None else self.rollouts_per_prompt * num_prompts
 
-    def collect(self, prompts: list[Prompt], ctx: SamplingContext) -> list[Group]:
+    def collect(self, prompts: list[Prompt], handle: StepHandle) -> list[Group]:
         if not prompts:
             return []
         b = len(prompts)
@@ -299,8 +300,8 @@ class AllocationSampler(Sampler):
                 raise ConfigError(
                     "model.sampler.pilot", f"a pilot of {self.pilot} x {b} prompts exceeds the step budget {budget}"
                 )
-            pilot_outs = self._sample(ctx, prompts, [self.pilot] * b)
-        plan = self.plan(prompts, ctx, pilot_outs)
+            pilot_outs = self._sample(handle, prompts, [self.pilot] * b)
+        plan = self.plan(prompts, handle, pilot_outs)
         if len(plan.shares) != b or len(plan.pass_rates) != b:
             raise RuntimeError(f"{type(self).__name__}.plan returned {len(plan.shares)} shares for {b} prompts")
         floors = plan.floors if plan.floors is not None else [self.n_min] * b
@@ -311,31 +312,31 @@ class AllocationSampler(Sampler):
         n_rest = self.integerise(plan, budget - k * b, rest_floors, rest_caps, prompts)
         if len(n_rest) != b or sum(n_rest) != budget - k * b or min(n_rest) < 0:
             raise RuntimeError(f"{type(self).__name__}: allocation {n_rest} does not spend {budget - k * b} over {b} prompts")
-        outs = self._sample(ctx, prompts, n_rest)
+        outs = self._sample(handle, prompts, n_rest)
         if pilot_outs is not None:
             outs = [a + o for a, o in zip(pilot_outs, outs, strict=True)]
         groups = []
         for p, rs in zip(prompts, outs, strict=True):
             if not rs:
                 continue  # a prompt allocated 0 rollouts produces no group
-            g = make_group(p, ctx.context_of(p), rs)
+            g = make_group(p, handle.context_of(p), rs)
             g.meta["alloc_n"] = len(rs)
             self.finish_group(g)
             groups.append(g)
-        self.observe(prompts, outs, ctx)
+        self.observe(prompts, outs, handle)
         n_total = [len(rs) for rs in outs]
         self.last_allocation = {p.uid: n for p, n in zip(prompts, n_total, strict=True)}
-        self._log_allocation(ctx, n_total, plan.pass_rates, outs, budget)
+        self._log_allocation(handle, n_total, plan.pass_rates, outs, budget)
         return groups
 
     @staticmethod
-    def _sample(ctx: SamplingContext, prompts: list[Prompt], n_each: list[int]) -> list[list[Rollout]]:
-        """One ``ctx.sample`` call for the prompts with n > 0; rollouts come back grouped per prompt."""
+    def _sample(handle: StepHandle, prompts: list[Prompt], n_each: list[int]) -> list[list[Rollout]]:
+        """One ``handle.sample`` call for the prompts with n > 0; rollouts come back grouped per prompt."""
         idx = [i for i, n in enumerate(n_each) if n > 0]
         out: list[list[Rollout]] = [[] for _ in prompts]
         if not idx:
             return out
-        got = ctx.sample([prompts[i] for i in idx], [n_each[i] for i in idx])
+        got = handle.sample([prompts[i] for i in idx], [n_each[i] for i in idx])
         if len(got) != len(idx):
             raise RuntimeError(f"sample() returned {len(got)} rollout lists for {len(idx)} prompts")
         for i, rs in zip(idx, got, strict=True):
@@ -345,22 +346,22 @@ class AllocationSampler(Sampler):
         return out
 
     def _log_allocation(
-        self, ctx: SamplingContext, n: list[int], pass_rates: list[float | None], outs: list[list[Rollout]], budget: int
+        self, handle: StepHandle, n: list[int], pass_rates: list[float | None], outs: list[list[Rollout]], budget: int
     ) -> None:
         pre = self.prefix
         mean = sum(n) / len(n)
-        ctx.log(f"{pre}/budget", budget)
-        ctx.log(f"{pre}/n_min", min(n))
-        ctx.log(f"{pre}/n_max", max(n))
-        ctx.log(f"{pre}/n_mean", mean)
-        ctx.log(f"{pre}/n_std", math.sqrt(sum((x - mean) ** 2 for x in n) / len(n)))
-        ctx.log(f"{pre}/zero_budget_frac", sum(x == 0 for x in n) / len(n))
+        handle.log(f"{pre}/budget", budget)
+        handle.log(f"{pre}/n_min", min(n))
+        handle.log(f"{pre}/n_max", max(n))
+        handle.log(f"{pre}/n_mean", mean)
+        handle.log(f"{pre}/n_std", math.sqrt(sum((x - mean) ** 2 for x in n) / len(n)))
+        handle.log(f"{pre}/zero_budget_frac", sum(x == 0 for x in n) / len(n))
         known = [(x, p) for x, p in zip(n, pass_rates, strict=True) if p is not None]
         corr = pearson([x for x, _ in known], [p for _, p in known])
         if corr is not None:
-            ctx.log(f"{pre}/n_phat_corr", corr)
+            handle.log(f"{pre}/n_phat_corr", corr)
         drawn = sorted(((x, sum(r.passed for r in rs) / x) for x, rs in zip(n, outs, strict=True) if x > 0), key=lambda t: -t[0])
         if len(drawn) >= 2:
             q = max(1, len(drawn) // 4)
-            ctx.log(f"{pre}/pass_rate_top", sum(p for _, p in drawn[:q]) / q)
-            ctx.log(f"{pre}/pass_rate_bottom", sum(p for _, p in drawn[-q:]) / q)
+            handle.log(f"{pre}/pass_rate_top", sum(p for _, p in drawn[:q]) / q)
+            handle.log(f"{pre}/pass_rate_bottom", sum(p for _, p in drawn[-q:]) / q)

@@ -1,7 +1,7 @@
 """The sampler slot: how many rollouts each prompt gets, and which ones are kept.
 
-A sampler sees the step's prompts and a :class:`SamplingContext`, through which it generates and
-scores rollouts (every sample drawn is counted in the budget there, so no sampler can forget to),
+A sampler sees the step's prompts and the step's :class:`~components.step.handle.StepHandle`, through
+which it generates and scores rollouts (every sample drawn is counted in the budget there, so no sampler can forget to),
 draws extra prompts, and logs its own metrics. It returns ragged :class:`~components.types.Group` s.
 
 Samplers that keep per-prompt state key it by the stable prompt uid and implement
@@ -10,7 +10,7 @@ Samplers that keep per-prompt state key it by the stable prompt uid and implemen
 Context transforms (SAGE hinting; any prompt rewrite) wrap any sampler in one place:
 :class:`TransformedSampler` hands its inner sampler a :class:`TransformedContext`, whose
 ``context_of`` and ``sample`` ask the :class:`ContextTransform` for the context of each draw. The
-inner sampler is unchanged: it draws and builds its groups from ``ctx.context_of(p)`` as always, so
+inner sampler is unchanged: it draws and builds its groups from ``handle.context_of(p)`` as always, so
 its groups carry the transformed context the rollouts were sampled from, and the loss sees it.
 Evaluation never goes through a sampler, so it always sees the bare prompt.
 
@@ -25,36 +25,14 @@ The superseded rollouts still count in ``budget/*`` (the module counts every dra
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Protocol
+from typing import Any
 
+import torch
+
+from components.engines.base import SamplingParams
 from components.errors import ConfigError
+from components.step.handle import StepHandle
 from components.types import Group, Prompt, Rollout
-
-
-class SamplingContext(Protocol):
-    """What the module offers a sampler during one step."""
-
-    step: int
-
-    def sample(self, prompts: list[Prompt], n_each: list[int], contexts: list[list[int]] | None = None) -> list[list[Rollout]]:
-        """Generate and score ``n_each[i]`` rollouts of each prompt (counted in the budget)."""
-
-    def context_of(self, prompt: Prompt) -> list[int]:
-        """The bare prompt's token ids."""
-
-    def draw_prompts(self, k: int) -> list[Prompt]:
-        """``k`` further training prompts from the data stream."""
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids of a prompt text as the model sees it (e.g. a prompt with a hint added)."""
-
-    def generate_text(
-        self, conversations: list[list[dict[str, str]]], max_new_tokens: int, temperature: float = 1.0
-    ) -> list[str]:
-        """One free-text reply of the current policy per conversation (counted in the token budget)."""
-
-    def log(self, name: str, value: float) -> None:
-        """Log a method metric for this step (use the method's own prefix)."""
 
 
 def make_group(prompt: Prompt, context: list[int], kept: list[Rollout], drawn: list[Rollout] | None = None) -> Group:
@@ -75,12 +53,12 @@ class Sampler(ABC):
 
     downsamples = False  # True: keeps fewer rollouts than it draws (PODS refuses such an inner sampler)
 
-    def setup(self, module: Any) -> None:
-        """Called once with the policy module: check the configuration against it here."""
+    def setup(self, handle: StepHandle) -> None:
+        """Called once with the step's handle: check the configuration against it here."""
         return None
 
     @abstractmethod
-    def collect(self, prompts: list[Prompt], ctx: SamplingContext) -> list[Group]:
+    def collect(self, prompts: list[Prompt], handle: StepHandle) -> list[Group]:
         """Rollout groups for this step."""
 
     def state_dict(self) -> dict[str, Any]:
@@ -100,9 +78,9 @@ class FixedGroupSampler(Sampler):
             raise ConfigError("model.sampler.group_size", f"must be >= 1, got {group_size}")
         self.group_size = group_size
 
-    def collect(self, prompts: list[Prompt], ctx: SamplingContext) -> list[Group]:
-        outs = ctx.sample(prompts, [self.group_size] * len(prompts))
-        return [make_group(p, ctx.context_of(p), rs) for p, rs in zip(prompts, outs)]
+    def collect(self, prompts: list[Prompt], handle: StepHandle) -> list[Group]:
+        outs = handle.sample(prompts, [self.group_size] * len(prompts))
+        return [make_group(p, handle.context_of(p), rs) for p, rs in zip(prompts, outs)]
 
 
 class ContextTransform(ABC):
@@ -116,29 +94,29 @@ class ContextTransform(ABC):
     across steps goes in ``state_dict``.
     """
 
-    def setup(self, module: Any) -> None:
-        """Called once with the policy module (e.g. to read the model's context length)."""
+    def setup(self, handle: StepHandle) -> None:
+        """Called once with the step's handle (e.g. to read the model's context length)."""
         return None
 
-    def begin_step(self, ctx: SamplingContext) -> None:
+    def begin_step(self, handle: StepHandle) -> None:
         """Start of a step: forget the previous step's choices."""
         return None
 
-    def prepare(self, prompts: list[Prompt], ctx: SamplingContext) -> None:
+    def prepare(self, prompts: list[Prompt], handle: StepHandle) -> None:
         """Decide the context of the prompts about to be drawn (called before every draw)."""
         return None
 
     @abstractmethod
-    def context(self, prompt: Prompt, ctx: SamplingContext) -> list[int]:
-        """The context ``prompt`` is drawn from now (``ctx.context_of(prompt)`` is the bare one)."""
+    def context(self, prompt: Prompt, handle: StepHandle) -> list[int]:
+        """The context ``prompt`` is drawn from now (``handle.context_of(prompt)`` is the bare one)."""
 
     def after_draw(
-        self, prompts: list[Prompt], n_each: list[int], outs: list[list[Rollout]], ctx: SamplingContext
+        self, prompts: list[Prompt], n_each: list[int], outs: list[list[Rollout]], handle: StepHandle
     ) -> list[list[Rollout]]:
         """The rollouts the inner sampler receives for this draw (default: as drawn)."""
         return outs
 
-    def end_step(self, groups: list[Group], ctx: SamplingContext) -> None:
+    def end_step(self, groups: list[Group], handle: StepHandle) -> None:
         """End of a step: annotate the groups, update per-prompt state, log metrics."""
         return None
 
@@ -150,36 +128,76 @@ class ContextTransform(ABC):
 
 
 class TransformedContext:
-    """The :class:`SamplingContext` an inner sampler sees under a :class:`ContextTransform`."""
+    """The :class:`StepHandle` an inner sampler sees under a :class:`ContextTransform`: the step's
+    handle, with every draw's context (``context_of`` of a prompt, ``sample``) asked of the transform."""
 
-    def __init__(self, ctx: SamplingContext, transform: ContextTransform) -> None:
-        self.ctx, self.transform = ctx, transform
-        self.step = ctx.step
+    def __init__(self, handle: StepHandle, transform: ContextTransform) -> None:
+        self.handle, self.transform = handle, transform
 
-    def context_of(self, prompt: Prompt) -> list[int]:
-        self.transform.prepare([prompt], self.ctx)
-        return self.transform.context(prompt, self.ctx)
+    def context_of(self, prompt: Prompt | str) -> list[int]:
+        if isinstance(prompt, str):
+            return self.handle.context_of(prompt)
+        self.transform.prepare([prompt], self.handle)
+        return self.transform.context(prompt, self.handle)
 
     def sample(self, prompts: list[Prompt], n_each: list[int], contexts: list[list[int]] | None = None) -> list[list[Rollout]]:
         if contexts is not None:  # a sampler that builds its own contexts is left alone
-            return self.ctx.sample(prompts, n_each, contexts)
-        self.transform.prepare(prompts, self.ctx)
-        outs = self.ctx.sample(prompts, n_each, [self.transform.context(p, self.ctx) for p in prompts])
-        return self.transform.after_draw(prompts, n_each, outs, self.ctx)
+            return self.handle.sample(prompts, n_each, contexts)
+        self.transform.prepare(prompts, self.handle)
+        outs = self.handle.sample(prompts, n_each, [self.transform.context(p, self.handle) for p in prompts])
+        return self.transform.after_draw(prompts, n_each, outs, self.handle)
 
-    def draw_prompts(self, k: int) -> list[Prompt]:
-        return self.ctx.draw_prompts(k)
+    # ---- the rest of the handle, unchanged ---------------------------------------------------------
+    @property
+    def policy(self) -> torch.nn.Module:
+        return self.handle.policy
 
-    def encode(self, text: str) -> list[int]:
-        return self.ctx.encode(text)
+    @property
+    def ref_policy(self) -> torch.nn.Module | None:
+        return self.handle.ref_policy
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.handle.tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return self.handle.device
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return self.handle.sampling
+
+    @property
+    def context_limit(self) -> int | None:
+        return self.handle.context_limit
+
+    @property
+    def step(self) -> int:
+        return self.handle.step
+
+    def logprobs(self, batch: Any, rows: torch.Tensor | None = None, model: torch.nn.Module | None = None, grad: bool = False):
+        return self.handle.logprobs(batch, rows, model, grad)
+
+    def generate(self, contexts: list[list[int]], n_each: list[int], params: SamplingParams | None = None) -> list[list[Rollout]]:
+        return self.handle.generate(contexts, n_each, params)
 
     def generate_text(
         self, conversations: list[list[dict[str, str]]], max_new_tokens: int, temperature: float = 1.0
     ) -> list[str]:
-        return self.ctx.generate_text(conversations, max_new_tokens, temperature)
+        return self.handle.generate_text(conversations, max_new_tokens, temperature)
+
+    def draw_prompts(self, k: int) -> list[Prompt]:
+        return self.handle.draw_prompts(k)
+
+    def train_prompts(self) -> list[Prompt]:
+        return self.handle.train_prompts()
+
+    def add_metrics(self, amounts: dict[str, float]) -> None:
+        self.handle.add_metrics(amounts)
 
     def log(self, name: str, value: float) -> None:
-        self.ctx.log(name, value)
+        self.handle.log(name, value)
 
 
 class TransformedSampler(Sampler):
@@ -192,14 +210,14 @@ class TransformedSampler(Sampler):
     def downsamples(self) -> bool:  # type: ignore[override]
         return getattr(self.inner, "downsamples", False)
 
-    def setup(self, module: Any) -> None:
-        self.inner.setup(module)
-        self.transform.setup(module)
+    def setup(self, handle: StepHandle) -> None:
+        self.inner.setup(handle)
+        self.transform.setup(handle)
 
-    def collect(self, prompts: list[Prompt], ctx: SamplingContext) -> list[Group]:
-        self.transform.begin_step(ctx)
-        groups = self.inner.collect(prompts, TransformedContext(ctx, self.transform))
-        self.transform.end_step(groups, ctx)
+    def collect(self, prompts: list[Prompt], handle: StepHandle) -> list[Group]:
+        self.transform.begin_step(handle)
+        groups = self.inner.collect(prompts, TransformedContext(handle, self.transform))
+        self.transform.end_step(groups, handle)
         return groups
 
     def state_dict(self) -> dict[str, Any]:

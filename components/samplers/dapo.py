@@ -6,7 +6,8 @@ import logging
 
 from components.algos.selection import spread
 from components.errors import ConfigError
-from components.samplers.base import Sampler, SamplingContext, make_group
+from components.samplers.base import Sampler, make_group
+from components.step.handle import StepHandle
 from components.types import Group, Prompt
 
 log = logging.getLogger(__name__)
@@ -64,19 +65,19 @@ class DynamicSampling(Sampler):
         self.max_rounds, self.metric = max_rounds, metric
         self._warned = False
 
-    def collect(self, prompts: list[Prompt], ctx: SamplingContext) -> list[Group]:
+    def collect(self, prompts: list[Prompt], handle: StepHandle) -> list[Group]:
         target = self.batch_size or len(prompts)
         kept: list[Group] = []
         dropped = rounds = 0
         batch = prompts
         while rounds < self.max_rounds and len(kept) < target:
             if rounds:
-                batch = ctx.draw_prompts(self.gen_batch_size or len(prompts))
+                batch = handle.draw_prompts(self.gen_batch_size or len(prompts))
             rounds += 1
-            for p, rs in zip(batch, ctx.sample(batch, [self.group_size] * len(batch)), strict=True):
+            for p, rs in zip(batch, handle.sample(batch, [self.group_size] * len(batch)), strict=True):
                 values = [r.reward if self.metric == "reward" else float(r.passed) for r in rs]
                 if spread(values) > 0:
-                    kept.append(make_group(p, ctx.context_of(p), rs))
+                    kept.append(make_group(p, handle.context_of(p), rs))
                 else:
                     dropped += 1
         exhausted = len(kept) < target
@@ -89,9 +90,9 @@ class DynamicSampling(Sampler):
                 self.max_rounds,
             )
             self._warned = True
-        ctx.log("dapo/rounds", rounds)
-        ctx.log("dapo/kept_groups", min(len(kept), target))
-        ctx.log("dapo/dropped_groups", dropped)
-        ctx.log("dapo/surplus_groups", max(len(kept) - target, 0))
-        ctx.log("dapo/exhausted", float(exhausted))
+        handle.log("dapo/rounds", rounds)
+        handle.log("dapo/kept_groups", min(len(kept), target))
+        handle.log("dapo/dropped_groups", dropped)
+        handle.log("dapo/surplus_groups", max(len(kept) - target, 0))
+        handle.log("dapo/exhausted", float(exhausted))
         return kept[:target]

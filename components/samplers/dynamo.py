@@ -13,7 +13,7 @@ from typing import Any
 
 from components.errors import ConfigError
 from components.samplers.allocation import AllocationSampler, Plan, by_uid, water_fill
-from components.samplers.base import SamplingContext
+from components.step.handle import StepHandle
 from components.types import Prompt, Rollout
 
 POSITIVES = ("reward_gt_0", "passed")
@@ -128,47 +128,44 @@ class DynaMOSampler(AllocationSampler):
         """The counts priorities are computed from: live (``step``) or the epoch snapshot (``epoch``)."""
         return self.counts if self.refresh == "step" else self.ranked
 
-    def _epoch_size(self, ctx: SamplingContext) -> int:
+    def _epoch_size(self, handle: StepHandle) -> int:
         if self.epoch_prompts is not None:
             return self.epoch_prompts
-        dm = getattr(getattr(getattr(ctx, "module", None), "trainer", None), "datamodule", None)
-        pool = getattr(dm, "train_pool", None)
-        if pool is None:
-            raise ConfigError(
-                "model.sampler.epoch_prompts", "refresh: epoch needs epoch_prompts or a data module with a train_pool"
-            )
+        pool = handle.train_prompts()
+        if not pool:
+            raise ConfigError("model.sampler.epoch_prompts", "refresh: epoch needs epoch_prompts or a training pool")
         return len(pool)
 
-    def plan(self, prompts: list[Prompt], ctx: SamplingContext, pilot: list[list[Rollout]] | None) -> Plan:
+    def plan(self, prompts: list[Prompt], handle: StepHandle, pilot: list[list[Rollout]] | None) -> Plan:
         hist = [self._history().get(p.uid, (0, 0)) for p in prompts]
         prio = [self.priority(g, k) for g, k in hist]
         b = len(prompts)
         done = [pr for pr in prio if pr >= 0]
-        ctx.log("dynamo/exploring_frac", (b - len(done)) / b)
-        ctx.log(
+        handle.log("dynamo/exploring_frac", (b - len(done)) / b)
+        handle.log(
             "dynamo/mastered_frac", sum(g >= max(self.initial_budget, 1) and k / g >= self.mastery_threshold for g, k in hist) / b
         )
-        ctx.log("dynamo/unsolved_frac", sum(g > 0 and k == 0 for g, k in hist) / b)
+        handle.log("dynamo/unsolved_frac", sum(g > 0 and k == 0 for g, k in hist) / b)
         if done:
-            ctx.log("dynamo/priority_mean", sum(done) / len(done))
+            handle.log("dynamo/priority_mean", sum(done) / len(done))
         return Plan(shares=[max(pr, 0.0) for pr in prio], pass_rates=[k / g if g else None for g, k in hist])
 
     def integerise(self, plan: Plan, budget: int, floors: list[int], caps: list[int | None], prompts: list[Prompt]) -> list[int]:
         counts = [self._history().get(p.uid, (0, 0))[0] for p in prompts]
         return water_fill(plan.shares, budget, self.n_min, self.n_max, counts, self.initial_budget, field=self._budget_field)
 
-    def observe(self, prompts: list[Prompt], outs: list[list[Rollout]], ctx: SamplingContext) -> None:
+    def observe(self, prompts: list[Prompt], outs: list[list[Rollout]], handle: StepHandle) -> None:
         for uid, rs in by_uid(prompts, outs).items():
             g, k = self.counts.get(uid, (0, 0))
             self.counts[uid] = [g + len(rs), k + sum(self.is_positive(r) for r in rs)]
         if self.refresh == "epoch":
             self.drawn_in_epoch += len(prompts)
-            size = self._epoch_size(ctx)
+            size = self._epoch_size(handle)
             if self.drawn_in_epoch >= size:  # end of an epoch: update_rank from all history so far
                 self.ranked = {u: list(v) for u, v in self.counts.items()}
                 self.drawn_in_epoch -= size
                 self.epochs += 1
-            ctx.log("dynamo/epochs", self.epochs)
+            handle.log("dynamo/epochs", self.epochs)
 
     # ---- checkpointed state ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

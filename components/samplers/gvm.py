@@ -15,7 +15,9 @@ import torch
 
 from components.errors import ConfigError
 from components.samplers.allocation import AllocationSampler, Plan, by_uid, largest_remainder
-from components.samplers.base import SamplingContext, make_group
+from components.samplers.base import make_group
+from components.step.batch import build_batch
+from components.step.handle import StepHandle
 from components.types import Group, Prompt, Rollout
 
 
@@ -26,10 +28,10 @@ def gvm_ratio(g: float, p: float, alpha: float = 1e-3, beta: float = 2.0) -> flo
     return g / math.sqrt(p + alpha / p ** (beta - 1.0))
 
 
-def embedding_grad_norms(module: Any, prompt: Prompt, context_ids: list[int], rollouts: list[Rollout]) -> list[float]:
+def embedding_grad_norms(handle: StepHandle, prompt: Prompt, context_ids: list[int], rollouts: list[Rollout]) -> list[float]:
     """``||∇_E (-Σ_t log π(y_t | x, y_<t))||_2`` per rollout, E the input-embedding matrix.
 
-    Uses the module's own batching and log-prob path (``build_batch`` / ``_forward_logprobs``), one
+    Uses the step's own batching and log-prob path (``build_batch`` / ``handle.logprobs``), one
     forward for all rows and one ``torch.autograd.grad`` per row with respect to the embedding weight
     only. ``autograd.grad`` never writes ``.grad``, so the optimizer's state and any pending gradients
     are untouched; the embedding's ``.grad`` and ``requires_grad`` and the model's train/eval mode are
@@ -37,16 +39,17 @@ def embedding_grad_norms(module: Any, prompt: Prompt, context_ids: list[int], ro
     """
     if not rollouts:
         return []
-    policy = module.policy
+    policy = handle.policy
     weight = policy.get_input_embeddings().weight
     saved_grad, saved_req, was_training = weight.grad, weight.requires_grad, policy.training
-    batch = module.build_batch([Group(prompt=prompt, context_ids=list(context_ids), rollouts=list(rollouts))])
+    group = Group(prompt=prompt, context_ids=list(context_ids), rollouts=list(rollouts))
+    batch = build_batch([group], handle.tokenizer.pad_token_id, handle.device)
     norms: list[float] = []
     try:
         policy.eval()
         weight.requires_grad_(True)
         with torch.enable_grad():
-            logp, _ = module._forward_logprobs(policy, batch, torch.arange(batch.size))
+            logp, _ = handle.logprobs(batch, torch.arange(batch.size), policy, grad=True)
             nll = -(logp * batch.response_mask).sum(-1)
             for j in range(batch.size):
                 (g,) = torch.autograd.grad(nll[j], weight, retain_graph=j < batch.size - 1)
@@ -88,7 +91,8 @@ class GVMSampler(AllocationSampler):
     (GVM recomputes once per EM iteration from a fresh data shard); p from decayed history or a
     pilot instead of a separate stage-1 pass; ``grad_samples`` caps the backward passes (GVM uses all
     accepted stage-1 samples); the gradient uses the policy's sampling temperature, like the loss.
-    Without a module (unit-test contexts) G is not computed and every prompt gets the mean G.
+    Without a policy on the handle (scripted unit-test handles) G is not computed and every prompt
+    gets the mean G.
 
     **The authors' form** (``shards: k``; ``RLHFlow/GVM`` ``em/run_em.sh``, reference §7b): the
     training pool (the data module's ``train_pool``, shuffled once with ``shard_seed``) is split into
@@ -101,7 +105,7 @@ class GVMSampler(AllocationSampler):
     each step then trains on the shard's next B prompts (B = the step's batch size; the data
     module's own draw only sets B) with their n_i, skipping prompts with n_i = 0, so a step's
     rollouts vary around ``rollouts_per_prompt x B``. Estimation samples are drawn through
-    ``ctx.sample``, so they are in ``budget/rollouts`` and ``budget/tokens`` (the compute spent), and
+    ``handle.sample``, so they are in ``budget/rollouts`` and ``budget/tokens`` (the compute spent), and
     also in ``budget/estimation_rollouts`` / ``budget/estimation_tokens`` (and the sampler's
     cumulative ``gvm/cum_estimation_tokens``): the authors' training-token count is
     ``budget/tokens - budget/estimation_tokens``. Requires ``n_min: 0``, ``n_max: null``,
@@ -115,7 +119,7 @@ class GVMSampler(AllocationSampler):
         rollouts_per_prompt, budget, n_min, n_max, pilot: see :class:`AllocationSampler`.
         alpha, beta: the regulariser of the ratio's denominator.
         zero_budget_unsolved: give prompts with p = 0 a floor of 0 (GVM's behaviour).
-        refresh_every: recompute a prompt's G when its cached value is this many steps old (``ctx.step``, the
+        refresh_every: recompute a prompt's G when its cached value is this many steps old (``handle.step``, the
             trainer's global step: one per generation batch).
         grad_samples: accepted rollouts per prompt used for G (>= 1).
         decay: the EMA factor applied to a prompt's counts at each visit (1: cumulative, 0: this visit only).
@@ -177,9 +181,9 @@ class GVMSampler(AllocationSampler):
         self._refreshed: set[str] = set()  # uids whose G was recomputed this step
         self._grad_time = 0.0
 
-    def setup(self, module: Any) -> None:
+    def setup(self, handle: StepHandle) -> None:
         try:
-            _ = module.policy.get_input_embeddings().weight
+            _ = handle.policy.get_input_embeddings().weight
         except Exception as e:  # any failure means G cannot be computed
             raise ConfigError("model.model", f"GVM needs a policy with get_input_embeddings().weight ({e})") from e
 
@@ -188,19 +192,18 @@ class GVMSampler(AllocationSampler):
         got = self.grads.get(uid)
         return got is None or step - int(got[1]) >= self.refresh_every
 
-    def _refresh_grads(self, prompts: list[Prompt], outs: list[list[Rollout]], ctx: SamplingContext) -> None:
-        module = getattr(ctx, "module", None)
-        if module is None or not hasattr(module, "policy"):
+    def _refresh_grads(self, prompts: list[Prompt], outs: list[list[Rollout]], handle: StepHandle) -> None:
+        if getattr(handle, "policy", None) is None:
             return
         t0 = time.perf_counter()
         for p, rs in zip(prompts, outs, strict=True):
-            if p.uid in self._refreshed or not self._stale(p.uid, ctx.step):
+            if p.uid in self._refreshed or not self._stale(p.uid, handle.step):
                 continue
             accepted = [r for r in rs if r.passed][: self.grad_samples]
             if not accepted:
                 continue
-            norms = embedding_grad_norms(module, p, ctx.context_of(p), accepted)
-            self.grads[p.uid] = [sum(norms) / len(norms), int(ctx.step)]
+            norms = embedding_grad_norms(handle, p, handle.context_of(p), accepted)
+            self.grads[p.uid] = [sum(norms) / len(norms), int(handle.step)]
             self._refreshed.add(p.uid)
         self._grad_time += time.perf_counter() - t0
 
@@ -211,10 +214,10 @@ class GVMSampler(AllocationSampler):
         return sum(known) / len(known) if known else 1.0
 
     # ---- AllocationSampler hooks ----------------------------------------------------------------
-    def plan(self, prompts: list[Prompt], ctx: SamplingContext, pilot: list[list[Rollout]] | None) -> Plan:
+    def plan(self, prompts: list[Prompt], handle: StepHandle, pilot: list[list[Rollout]] | None) -> Plan:
         self._refreshed, self._grad_time = set(), 0.0
         if pilot is not None:
-            self._refresh_grads(prompts, pilot, ctx)
+            self._refresh_grads(prompts, pilot, handle)
         rates: list[float | None] = []
         pooled = by_uid(prompts, pilot) if pilot is not None else {}
         for p in prompts:
@@ -235,60 +238,55 @@ class GVMSampler(AllocationSampler):
         if self.zero_budget_unsolved:
             floors = [0 if rate is not None and rate <= 0 else self.n_min for rate in rates]
         b = len(prompts)
-        ctx.log("gvm/G_mean", sum(g_used) / b)
-        ctx.log("gvm/G_known_frac", sum(p.uid in self.grads for p in prompts) / b)
-        ctx.log("gvm/unseen_frac", sum(rate is None for rate in rates) / b)
-        ctx.log("gvm/unsolved_frac", sum(rate is not None and rate <= 0 for rate in rates) / b)
+        handle.log("gvm/G_mean", sum(g_used) / b)
+        handle.log("gvm/G_known_frac", sum(p.uid in self.grads for p in prompts) / b)
+        handle.log("gvm/unseen_frac", sum(rate is None for rate in rates) / b)
+        handle.log("gvm/unsolved_frac", sum(rate is not None and rate <= 0 for rate in rates) / b)
         seen = [rate for rate in rates if rate is not None]
         if seen:
-            ctx.log("gvm/p_mean", sum(seen) / len(seen))
+            handle.log("gvm/p_mean", sum(seen) / len(seen))
         return Plan(shares=shares, pass_rates=rates, floors=floors)
 
-    def observe(self, prompts: list[Prompt], outs: list[list[Rollout]], ctx: SamplingContext) -> None:
+    def observe(self, prompts: list[Prompt], outs: list[list[Rollout]], handle: StepHandle) -> None:
         for uid, rs in by_uid(prompts, outs).items():  # one visit per uid, even if it occurs twice in the batch
             n, k = self.counts.get(uid, (0.0, 0.0))
             self.counts[uid] = [self.decay * n + len(rs), self.decay * k + float(sum(r.passed for r in rs))]
-        self._refresh_grads(prompts, outs, ctx)
-        ctx.log("gvm/grad_refreshed", len(self._refreshed))
-        ctx.log("gvm/grad_time_s", self._grad_time)
+        self._refresh_grads(prompts, outs, handle)
+        handle.log("gvm/grad_refreshed", len(self._refreshed))
+        handle.log("gvm/grad_time_s", self._grad_time)
 
     # ---- the authors' form: stage-1 estimation per data shard -----------------------------------
-    def collect(self, prompts: list[Prompt], ctx: SamplingContext) -> list[Group]:
+    def collect(self, prompts: list[Prompt], handle: StepHandle) -> list[Group]:
         if self.shards is None:
-            return super().collect(prompts, ctx)
+            return super().collect(prompts, handle)
         if not prompts:
             return []
-        pool = self._pool(ctx)
+        pool = self._pool(handle)
         if self.shard_index < 0 or self.cursor >= len(self.shard_uids):
-            self._start_shard(pool, ctx)
+            self._start_shard(pool, handle)
         take = [pool[u] for u in self.shard_uids[self.cursor : self.cursor + len(prompts)]]
         self.cursor += len(take)
         n_each = [self.shard_alloc[p.uid] for p in take]
-        outs = self._sample(ctx, take, n_each)
+        outs = self._sample(handle, take, n_each)
         groups = []
         for p, rs in zip(take, outs, strict=True):
             if rs:
-                g = make_group(p, ctx.context_of(p), rs)
+                g = make_group(p, handle.context_of(p), rs)
                 g.meta["alloc_n"] = len(rs)
                 groups.append(g)
-        self.observe(take, outs, ctx)
+        self.observe(take, outs, handle)
         self.last_allocation = {p.uid: n for p, n in zip(take, n_each, strict=True)}
-        self._log_allocation(ctx, n_each, [self.shard_rates[p.uid] for p in take], outs, sum(n_each))
-        ctx.log("gvm/shard", self.shard_index)
-        ctx.log("gvm/cum_estimation_tokens", self.estimation[1])
+        self._log_allocation(handle, n_each, [self.shard_rates[p.uid] for p in take], outs, sum(n_each))
+        handle.log("gvm/shard", self.shard_index)
+        handle.log("gvm/cum_estimation_tokens", self.estimation[1])
         return groups
 
-    def _pool(self, ctx: SamplingContext) -> dict[str, Prompt]:
-        """The training pool by uid, from the data module (``train_pool``)."""
-        module = getattr(ctx, "module", None)
-        dm = getattr(getattr(module, "trainer", None), "datamodule", None)
-        pool = getattr(dm, "train_pool", None)
-        if pool is None and dm is not None and hasattr(dm, "setup"):
-            dm.setup("fit")
-            pool = getattr(dm, "train_pool", None)
-        if pool is None:
-            raise ConfigError("model.sampler.shards", "the authors' GVM form needs a data module with a train_pool")
-        return {p.uid: p for p in pool.prompts}
+    def _pool(self, handle: StepHandle) -> dict[str, Prompt]:
+        """The training pool by uid (``handle.train_prompts()``)."""
+        prompts = handle.train_prompts()
+        if not prompts:
+            raise ConfigError("model.sampler.shards", "the authors' GVM form needs a training pool (data.train_size > 0)")
+        return {p.uid: p for p in prompts}
 
     def shard_of(self, uids: list[str], index: int) -> list[str]:
         """Shard ``index`` of the pool: a seeded shuffle of the (sorted) uids, split into k contiguous parts."""
@@ -298,7 +296,7 @@ class GVMSampler(AllocationSampler):
         size = math.ceil(len(order) / self.shards)
         return order[index * size : (index + 1) * size]
 
-    def _start_shard(self, pool: dict[str, Prompt], ctx: SamplingContext) -> None:
+    def _start_shard(self, pool: dict[str, Prompt], handle: StepHandle) -> None:
         """Next shard: stage-1 samples for all its prompts (not trained on), then its allocation."""
         for _ in range(self.shards):  # a shard may be empty when k > |pool|: skip it
             self.shard_index = (self.shard_index + 1) % self.shards
@@ -306,19 +304,19 @@ class GVMSampler(AllocationSampler):
             if self.shard_uids:
                 break
         prompts = [pool[u] for u in self.shard_uids]
-        outs = ctx.sample(prompts, [self.stage1] * len(prompts))
+        outs = handle.sample(prompts, [self.stage1] * len(prompts))
         n_roll, n_tok = sum(len(rs) for rs in outs), sum(len(r.token_ids) for rs in outs for r in rs)
         self.estimation = [self.estimation[0] + n_roll, self.estimation[1] + n_tok]
-        add = getattr(ctx, "add_metrics", None)  # per-step sums beside budget/tokens
+        add = getattr(handle, "add_metrics", None)  # per-step sums beside budget/tokens
         if callable(add):
             add({"budget/estimation_rollouts": n_roll, "budget/estimation_tokens": n_tok})
         else:
-            ctx.log("budget/estimation_rollouts", n_roll)
-            ctx.log("budget/estimation_tokens", n_tok)
+            handle.log("budget/estimation_rollouts", n_roll)
+            handle.log("budget/estimation_tokens", n_tok)
         self._refreshed, self._grad_time = set(), 0.0
         for p in prompts:  # every prompt's G is re-estimated from this shard's samples
             self.grads.pop(p.uid, None)
-        self._refresh_grads(prompts, outs, ctx)
+        self._refresh_grads(prompts, outs, handle)
         self.shard_rates = {p.uid: sum(r.passed for r in rs) / len(rs) for p, rs in zip(prompts, outs, strict=True)}
         g_mean = self._mean_g(prompts)
         ratios = [
@@ -327,9 +325,9 @@ class GVMSampler(AllocationSampler):
         ]
         n = largest_remainder(ratios, self.rollouts_per_prompt * len(prompts), field="model.sampler.rollouts_per_prompt")
         self.shard_alloc = {p.uid: k for p, k in zip(prompts, n, strict=True)}
-        ctx.log("gvm/shard_prompts", len(prompts))
-        ctx.log("gvm/shard_zero_budget_frac", sum(k == 0 for k in n) / len(n))
-        ctx.log("gvm/grad_time_s", self._grad_time)
+        handle.log("gvm/shard_prompts", len(prompts))
+        handle.log("gvm/shard_zero_budget_frac", sum(k == 0 for k in n) / len(n))
+        handle.log("gvm/grad_time_s", self._grad_time)
 
     # ---- checkpointed state ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -82,15 +82,15 @@ class HintSource(ABC):
         return prompt.answer if self.use_answer and prompt.answer else None
 
     @abstractmethod
-    def hints(self, prompts: list[Prompt], levels: int, ctx: Any) -> list[dict[int, str] | None]:
-        """One ``{level: hint}`` per prompt (``None``: no hint for it). ``ctx`` is the sampling context."""
+    def hints(self, prompts: list[Prompt], levels: int, handle: Any) -> list[dict[int, str] | None]:
+        """One ``{level: hint}`` per prompt (``None``: no hint for it). ``handle`` is the sampling context."""
 
 
 class PrefixHint(HintSource):
     """Level ``l`` of ``levels`` = the first ``floor(l / (levels + 1) * n)`` characters of the
     solution (at least one, never all); the hint is stripped of surrounding whitespace."""
 
-    def hints(self, prompts: list[Prompt], levels: int, ctx: Any) -> list[dict[int, str] | None]:
+    def hints(self, prompts: list[Prompt], levels: int, handle: Any) -> list[dict[int, str] | None]:
         out: list[dict[int, str] | None] = []
         for p in prompts:
             sol = self.solution(p)
@@ -267,21 +267,21 @@ class SelfHint(HintSource):
             {"role": "user", "content": HINT_USER.format(problem=bare_question(prompt), solution=solution)},
         ]
 
-    def _fits(self, conv: list[dict[str, str]], ctx: Any) -> bool:
+    def _fits(self, conv: list[dict[str, str]], handle: Any) -> bool:
         if self.context_limit is None:
             return True
-        n = len(ctx.encode("\n".join(m["content"] for m in conv))) + 16
+        n = len(handle.context_of("\n".join(m["content"] for m in conv))) + 16
         return n + self.max_new_tokens <= self.context_limit
 
-    def hints(self, prompts: list[Prompt], levels: int, ctx: Any) -> list[dict[int, str] | None]:
+    def hints(self, prompts: list[Prompt], levels: int, handle: Any) -> list[dict[int, str] | None]:
         out: list[dict[int, str] | None] = [None] * len(prompts)
         convs = {i: self.messages(p, self.solution(p), levels) for i, p in enumerate(prompts) if self.solution(p)}
-        todo = [i for i, c in convs.items() if self._fits(c, ctx)]
+        todo = [i for i, c in convs.items() if self._fits(c, handle)]
         self.stats["hint/skipped_overflow"] += len(convs) - len(todo)
         for attempt in range(self.attempts):
             if not todo:
                 break
-            replies = ctx.generate_text(
+            replies = handle.generate_text(
                 [convs[i] for i in todo],
                 max_new_tokens=self.max_new_tokens,
                 temperature=self.temperature if attempt == 0 else self.retry_temperature,

@@ -7,7 +7,8 @@ from typing import Any
 
 from components.algos.selection import max_variance_indices, population_std, top_indices
 from components.errors import ConfigError
-from components.samplers.base import FixedGroupSampler, Sampler, SamplingContext
+from components.samplers.base import FixedGroupSampler, Sampler
+from components.step.handle import StepHandle
 from components.types import Group, Prompt
 
 RULES = ("max_variance", "max_reward", "random")
@@ -90,8 +91,8 @@ class PODSSampler(Sampler):
         self.inner = inner if inner is not None else FixedGroupSampler(n)
         self.rng = random.Random(seed)
 
-    def setup(self, module: Any) -> None:
-        self.inner.setup(module)
+    def setup(self, handle: StepHandle) -> None:
+        self.inner.setup(handle)
 
     def _select(self, rewards: list[float]) -> list[int]:
         if self.rule == "max_variance":
@@ -100,8 +101,8 @@ class PODSSampler(Sampler):
             return top_indices(rewards, self.m)
         return sorted(self.rng.sample(range(len(rewards)), self.m))
 
-    def collect(self, prompts: list[Prompt], ctx: SamplingContext) -> list[Group]:
-        groups = self.inner.collect(prompts, ctx)
+    def collect(self, prompts: list[Prompt], handle: StepHandle) -> list[Group]:
+        groups = self.inner.collect(prompts, handle)
         seen = kept = 0
         pool_std, kept_std = [], []
         for g in groups:
@@ -114,9 +115,9 @@ class PODSSampler(Sampler):
             kept_std.append(population_std(g.rewards))
             g.baseline = g.pool_mean if self.normalize_within == "pool" else None
         k = max(len(groups), 1)
-        ctx.log("pods/kept_frac", kept / max(seen, 1))
-        ctx.log("pods/kept_reward_std", sum(kept_std) / k)
-        ctx.log("pods/pool_reward_std", sum(pool_std) / k)
+        handle.log("pods/kept_frac", kept / max(seen, 1))
+        handle.log("pods/kept_reward_std", sum(kept_std) / k)
+        handle.log("pods/pool_reward_std", sum(pool_std) / k)
         return groups
 
     def state_dict(self) -> dict[str, Any]:

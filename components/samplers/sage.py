@@ -47,23 +47,17 @@ nothing happened (an accuracy mean over no draws is 0: read it with ``hint/used_
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
 
 from jsonargparse import lazy_instance
 
 from components.errors import ConfigError
-from components.samplers.base import ContextTransform, FixedGroupSampler, Sampler, SamplingContext, TransformedSampler
+from components.samplers.base import ContextTransform, FixedGroupSampler, Sampler, TransformedSampler
 from components.samplers.hints import HintSource, SelfHint
+from components.step.handle import StepHandle
 from components.types import Group, Prompt, Rollout
 
 DEFAULT_TEMPLATE = "{problem}\nHere is a hint to help you:\n{hint}"
 OVERFLOW = ("truncate", "skip")
-
-
-def context_limit(module: Any) -> int | None:
-    """The model's context length as the engine enforces it (None: unknown)."""
-    limit = getattr(module.engine, "max_context_tokens", None)
-    return limit or getattr(getattr(module.policy, "config", None), "max_position_embeddings", None)
 
 
 class HintTransform(ContextTransform):
@@ -98,10 +92,10 @@ class HintTransform(ContextTransform):
         self.prompt_limit: int | None = None  # context tokens a hinted prompt may use
         self.begin_step(None)
 
-    def setup(self, module: Any) -> None:
-        limit = self.max_context_tokens or context_limit(module)
+    def setup(self, handle: StepHandle) -> None:
+        limit = self.max_context_tokens or handle.context_limit
         self.source.setup(limit)
-        self.prompt_limit = None if limit is None else limit - module.sampling.max_new_tokens
+        self.prompt_limit = None if limit is None else limit - handle.sampling.max_new_tokens
 
     def logged_every_step(self) -> list[str]:
         """Metric names logged at every step, 0 when nothing happened (Lightning re-logs the last
@@ -113,14 +107,14 @@ class HintTransform(ContextTransform):
             "hint/skipped_overflow",
         ]
 
-    def begin_step(self, ctx: SamplingContext | None) -> None:
+    def begin_step(self, handle: StepHandle | None) -> None:
         self.m: Counter[str] = Counter(dict.fromkeys(self.logged_every_step(), 0))  # metrics summed over the step
         self.ids: dict[str, list[int]] = {}  # uid -> this step's context (absent: the bare prompt)
         self.level: dict[str, int] = {}  # uid -> this step's level (absent: 0)
         self.written: dict[str, dict[int, str] | None] = {}  # uid -> hints written this step
 
-    def context(self, prompt: Prompt, ctx: SamplingContext) -> list[int]:
-        return self.ids.get(prompt.uid) or ctx.context_of(prompt)
+    def context(self, prompt: Prompt, handle: StepHandle) -> list[int]:
+        return self.ids.get(prompt.uid) or handle.context_of(prompt)
 
     # ---- shared steps --------------------------------------------------------------------------
     def hinted_text(self, prompt: Prompt, hint: str) -> str:
@@ -130,16 +124,16 @@ class HintTransform(ContextTransform):
             return prompt.text.replace(q, self.template.format(problem=q, hint=hint), 1)
         return self.template.format(problem=prompt.text, hint=hint)
 
-    def hinted_ids(self, prompt: Prompt, hint: str, ctx: SamplingContext) -> list[int] | None:
+    def hinted_ids(self, prompt: Prompt, hint: str, handle: StepHandle) -> list[int] | None:
         """Token ids of the hinted prompt, the hint truncated to fit the context (None: it cannot fit)."""
-        ids = ctx.encode(self.hinted_text(prompt, hint))
+        ids = handle.context_of(self.hinted_text(prompt, hint))
         if self.prompt_limit is None or len(ids) <= self.prompt_limit:
             return ids
         if self.overflow == "truncate":
-            room = self.prompt_limit - len(ctx.encode(self.hinted_text(prompt, "")))
+            room = self.prompt_limit - len(handle.context_of(self.hinted_text(prompt, "")))
             keep = len(hint) * max(room, 0) // max(len(ids) - self.prompt_limit + max(room, 0), 1)
             while keep > 0:  # shrink until it fits: characters per token vary along the hint
-                ids = ctx.encode(self.hinted_text(prompt, hint[:keep].rstrip()))
+                ids = handle.context_of(self.hinted_text(prompt, hint[:keep].rstrip()))
                 if len(ids) <= self.prompt_limit:
                     self.m["hint/truncated"] += 1
                     return ids
@@ -147,12 +141,12 @@ class HintTransform(ContextTransform):
         self.m["hint/skipped_overflow"] += 1
         return None
 
-    def write(self, prompts: list[Prompt], ctx: SamplingContext) -> None:
+    def write(self, prompts: list[Prompt], handle: StepHandle) -> None:
         """Ask the source once for the prompts (by uid) that have no hints yet this step."""
         todo = list({p.uid: p for p in prompts if p.uid not in self.written}.values())
         if not todo:
             return
-        got = self.source.hints(todo, self.max_level, ctx)
+        got = self.source.hints(todo, self.max_level, handle)
         for p, h in zip(todo, got, strict=True):
             self.written[p.uid] = h or None
         ok = sum(h is not None and len(h) > 0 for h in got)
@@ -160,18 +154,18 @@ class HintTransform(ContextTransform):
         self.m["hint/generate_success"] += ok
         self.m["hint/generate_failed"] += len(todo) - ok
 
-    def apply(self, prompt: Prompt, level: int, hints: dict[int, str] | None, ctx: SamplingContext) -> bool:
+    def apply(self, prompt: Prompt, level: int, hints: dict[int, str] | None, handle: StepHandle) -> bool:
         """Set the prompt's context to its level-``level`` hint; False (nothing changed) if there is
         none at that level or it cannot fit."""
         if not hints or level not in hints:
             return False
-        ids = self.hinted_ids(prompt, hints[level], ctx)
+        ids = self.hinted_ids(prompt, hints[level], handle)
         if ids is None:
             return False
         self.ids[prompt.uid], self.level[prompt.uid] = ids, level
         return True
 
-    def end_step(self, groups: list[Group], ctx: SamplingContext) -> None:
+    def end_step(self, groups: list[Group], handle: StepHandle) -> None:
         for g in groups:
             if self.level.get(g.prompt.uid):
                 g.meta["hint_level"] = self.level[g.prompt.uid]
@@ -181,9 +175,9 @@ class HintTransform(ContextTransform):
         for key in sorted(self.m):
             if key.endswith("_n"):  # accuracy numerators / denominators -> means
                 pos = self.m[key[:-2] + "_pos"]
-                ctx.log(key[:-2] + "_mean", pos / self.m[key] if self.m[key] else 0.0)
+                handle.log(key[:-2] + "_mean", pos / self.m[key] if self.m[key] else 0.0)
             elif not key.endswith("_pos"):
-                ctx.log(key, self.m[key])
+                handle.log(key, self.m[key])
 
     def count_accuracy(self, name: str, outs: list[list[Rollout]]) -> None:
         """Add draws to ``hint/acc_<name>_mean`` (accuracy = share of rollouts with reward > 0, as the authors)."""
@@ -205,12 +199,12 @@ class SAGEHints(HintTransform):
             *(f"hint/acc_{a}_{x}" for a in accs for x in ("n", "pos")),
         ]
 
-    def begin_step(self, ctx: SamplingContext | None) -> None:
-        super().begin_step(ctx)
+    def begin_step(self, handle: StepHandle | None) -> None:
+        super().begin_step(handle)
         self.probed: set[str] = set()
 
     def after_draw(
-        self, prompts: list[Prompt], n_each: list[int], outs: list[list[Rollout]], ctx: SamplingContext
+        self, prompts: list[Prompt], n_each: list[int], outs: list[list[Rollout]], handle: StepHandle
     ) -> list[list[Rollout]]:
         probes: dict[str, list[int]] = {}  # uid -> positions of its first draw (a uid may repeat in a batch)
         for i, p in enumerate(prompts):
@@ -223,12 +217,12 @@ class SAGEHints(HintTransform):
         solved = {u: any(r.reward > 0 for i in pos for r in outs[i]) for u, pos in probes.items()}  # authors: any reward > 0
         unresolved = [u for u in probes if not solved[u]]
         self.m["hint/prompts_needing_hint"] += len(unresolved)
-        self.write([prompts[probes[u][0]] for u in unresolved], ctx)
+        self.write([prompts[probes[u][0]] for u in unresolved], handle)
         for level in range(1, self.max_level + 1):
-            todo = [u for u in unresolved if self.apply(prompts[probes[u][0]], level, self.written.get(u), ctx)]
+            todo = [u for u in unresolved if self.apply(prompts[probes[u][0]], level, self.written.get(u), handle)]
             if todo:
                 pos = [i for u in todo for i in probes[u]]
-                new = ctx.sample([prompts[i] for i in pos], [n_each[i] for i in pos], [self.ids[prompts[i].uid] for i in pos])
+                new = handle.sample([prompts[i] for i in pos], [n_each[i] for i in pos], [self.ids[prompts[i].uid] for i in pos])
                 for i, rs in zip(pos, new, strict=True):
                     outs[i] = rs
                 self.count_accuracy(f"level_{level}", new)

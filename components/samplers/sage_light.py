@@ -34,9 +34,10 @@ from typing import Any
 from jsonargparse import lazy_instance
 
 from components.errors import ConfigError
-from components.samplers.base import Sampler, SamplingContext, TransformedSampler
+from components.samplers.base import Sampler, TransformedSampler
 from components.samplers.hints import HintSource, SelfHint
 from components.samplers.sage import DEFAULT_TEMPLATE, HintTransform, _inner
+from components.step.handle import StepHandle
 from components.types import Group, Prompt, Rollout
 
 RULES = ("paper", "code")
@@ -83,8 +84,8 @@ class SAGELightHints(HintTransform):
         used = ["hint/used_no_hint", *(f"hint/used_level_{lv}" for lv in range(1, self.max_level + 1))]
         return [*super().logged_every_step(), "hint/fallback_used", *used]
 
-    def begin_step(self, ctx: SamplingContext | None) -> None:
-        super().begin_step(ctx)
+    def begin_step(self, handle: StepHandle | None) -> None:
+        super().begin_step(handle)
         self.visited: set[str] = set()
         self.drawn: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # uid -> [rollouts, reward > 0]
 
@@ -101,14 +102,14 @@ class SAGELightHints(HintTransform):
             return max(level - 1, 0)
         return level
 
-    def prepare(self, prompts: list[Prompt], ctx: SamplingContext) -> None:
+    def prepare(self, prompts: list[Prompt], handle: StepHandle) -> None:
         new = list({p.uid: p for p in prompts if p.uid not in self.visited}.values())
         if not new:
             return
         self.visited.update(p.uid for p in new)
         want = {p.uid: self.next_level(p.uid) for p in new}
         hinted = [p for p in new if want[p.uid] > 0]
-        self.write(hinted, ctx)
+        self.write(hinted, handle)
         for p in hinted:
             hints = self.written.get(p.uid)
             if hints:
@@ -116,10 +117,10 @@ class SAGELightHints(HintTransform):
             elif p.uid in self.last_hints:
                 hints = self.last_hints[p.uid]
                 self.m["hint/fallback_used"] += 1
-            self.apply(p, want[p.uid], hints, ctx)  # on failure the prompt stays at level 0
+            self.apply(p, want[p.uid], hints, handle)  # on failure the prompt stays at level 0
 
     def after_draw(
-        self, prompts: list[Prompt], n_each: list[int], outs: list[list[Rollout]], ctx: SamplingContext
+        self, prompts: list[Prompt], n_each: list[int], outs: list[list[Rollout]], handle: StepHandle
     ) -> list[list[Rollout]]:
         for p, rs in zip(prompts, outs, strict=True):
             d = self.drawn[p.uid]
@@ -127,7 +128,7 @@ class SAGELightHints(HintTransform):
             d[1] += sum(r.reward > 0 for r in rs)
         return outs
 
-    def end_step(self, groups: list[Group], ctx: SamplingContext) -> None:
+    def end_step(self, groups: list[Group], handle: StepHandle) -> None:
         by_level: dict[int, list[float]] = defaultdict(list)
         for uid, (n, pos) in self.drawn.items():
             if not n:
@@ -140,13 +141,13 @@ class SAGELightHints(HintTransform):
             accs = by_level.get(level, [])
             self.m[f"hint/used_{name}"] += len(accs)
             # authors: the mean over prompts of each prompt's accuracy; 0 when no prompt was at that level
-            ctx.log(f"hint/acc_{name}_mean", sum(accs) / len(accs) if accs else 0.0)
+            handle.log(f"hint/acc_{name}_mean", sum(accs) / len(accs) if accs else 0.0)
         drawn = sum(len(a) for a in by_level.values())
-        ctx.log("hint/level_mean", sum(lv * len(a) for lv, a in by_level.items()) / max(drawn, 1))
+        handle.log("hint/level_mean", sum(lv * len(a) for lv, a in by_level.items()) / max(drawn, 1))
         lo, hi = (self.alpha, self.alpha) if self.rule == "paper" else (self.min_threshold, self.max_threshold)
-        ctx.log("hint/accuracy_min_threshold", lo)
-        ctx.log("hint/accuracy_max_threshold", hi)
-        super().end_step(groups, ctx)
+        handle.log("hint/accuracy_min_threshold", lo)
+        handle.log("hint/accuracy_max_threshold", hi)
+        super().end_step(groups, handle)
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -142,7 +142,7 @@ def _drift(module: Any, batch: Any) -> dict[str, float]:
         return {"kl_init_probe": 0.0}
     if module.global_step % PROBE_EVERY:
         return {}
-    logp, _ = module.token_logprobs(probe)
+    logp, _ = module.handle.logprobs(probe)  # no gradient
     return {"kl_init_probe": probe_kl(probe.sampling_logprobs, logp, probe.response_mask)}
 
 
@@ -153,4 +153,4 @@ def log_signal_health(module: Any, groups: Sequence[Group], batch: Any) -> None:
         stats.update(lone_advantage(groups, batch.advantages, batch.response_mask))
         stats.update(_drift(module, batch))
     for k, v in stats.items():
-        module.log_metric(f"health/{k}", v)
+        module.handle.log(f"health/{k}", v)
