@@ -8,7 +8,9 @@ tracked in MLflow, summarised as a table (markdown + CSV) and a plot of pass@1 a
     python scripts/ablate.py --report-only --ablation-id embedded-1a2b3c4d    # table of a finished ablation
     python scripts/ablate.py --report-only --experiment curate-rl           # all runs of an experiment
 
-Each run is ``curate-rl fit --config <overlay>... --config <recipe> <extra args after -->`` plus a
+Each run is ``curate-rl fit --config <overlay>... --config <recipe> <extra args after -->`` (an
+authors variant, recipes/authors/x.yaml, is composed after its recipe: ``--config recipes/x.yaml
+--config recipes/authors/x.yaml``; a regime's files come after the recipe) plus a
 ``BudgetCap`` callback, a step limit that never binds, ``--seed_everything <seed>`` and the MLflow
 logger pointed at ``--tracking-uri`` / ``--experiment``; the run is tagged ``ablation_id``,
 ``recipe``, ``seed`` (through ``MLFLOW_RUN_CONTEXT``, see ``components.analysis.plan.fit_command``).
@@ -204,7 +206,7 @@ def run_one(cmd: list[str], env_updates: dict[str, str], run_dir: Path) -> tuple
 def run_ablation(args: argparse.Namespace, client, exp_id: str, settings: str) -> int:
     # Seed-major: an ablation stopped part-way has whole seeds of every recipe, comparable row by row.
     specs = [
-        RunSpec(r, ov, s, rg)
+        RunSpec.of(r, ov, s, rg, ROOT)
         for ov in args.overlay_sets
         for rg in args.regime_sets
         for s in args.seeds

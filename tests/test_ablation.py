@@ -337,6 +337,25 @@ def test_fit_command_sends_outputs_to_the_run_dir_and_keeps_relative_inputs(tmp_
     assert dirpaths == [str(out / "checkpoints"), "mine"], "the user's extra args come later and win"
 
 
+def test_an_authors_variant_runs_composed_after_its_recipe():
+    """recipes/authors/x.yaml holds only what differs from recipes/x.yaml (its header names it): the run
+    composes the recipe, then the variant, between the overlays and the regime, as the CLI would."""
+    import json
+
+    spec = RunSpec.of("recipes/authors/dapo.yaml", ("configs/cpu-tiny.yaml",), 0, ("configs/regimes/sparse.yaml",), ROOT)
+    assert spec.base == ("recipes/dapo.yaml",) and spec.label == "cpu-tiny+dapo+dapo+sparse" and spec.variant == "cpu-tiny+sparse"
+    settings = settings_of(Budget("steps", 4), [], 4)
+    kw = dict(ablation_id="a", tracking_uri="sqlite:////x.db", experiment="e", settings=settings, root=ROOT)
+    cmd, env = fit_command(spec, Budget("steps", 4), **kw)
+    configs = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--config"]
+    order = ("configs/cpu-tiny.yaml", "recipes/dapo.yaml", "recipes/authors/dapo.yaml", "configs/regimes/sparse.yaml")
+    assert configs == [str(ROOT / p) for p in order]
+    assert json.loads(env["MLFLOW_RUN_CONTEXT"])["recipe"] == "cpu-tiny+dapo+dapo+sparse"  # the CLI's tag: the files' stems
+    assert RunSpec.of("recipes/grpo.yaml", root=ROOT) == RunSpec("recipes/grpo.yaml")  # a recipe that runs alone
+    with pytest.raises(ValueError, match="RunSpec.of"):  # a spec that would run the overlay alone
+        fit_command(RunSpec("recipes/authors/dapo.yaml"), Budget("steps", 4), **kw)
+
+
 def test_presets_resolve_recipes_by_glob():
     import importlib.util
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from components.analysis.config_diff import differences_outside, flatten, resolved_config, under_any
-from components.analysis.recipe_header import RecipeHeader, controls_by_name, recipe_header, with_controls
+from components.analysis.recipe_header import RecipeHeader, controls_by_name, recipe_header, with_base, with_controls
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -30,6 +30,11 @@ def _config(*paths: Path) -> dict:
 
 def _header(path: Path | str) -> RecipeHeader:
     return recipe_header(path, ROOT)
+
+
+def _composed(overlay: Path) -> dict:
+    """The config of an overlay (an authors variant) composed after what its header names."""
+    return _config(*(ROOT / p for p in with_base(overlay, ROOT)))
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
@@ -100,7 +105,7 @@ def test_authors_variants_keep_the_method_and_change_only_training_settings(vari
     assert h.authors_of, f"{variant.name}: no '# authors variant of:' header line"
     recipe = ROOT / h.authors_of
     keys = _header(recipe).method_keys
-    mine, theirs = flatten(_config(variant)), flatten(_config(recipe))
+    mine, theirs = flatten(_composed(variant)), flatten(_config(recipe))
     for k in set(mine) | set(theirs):
         if under_any(k, keys) and not k.startswith("model.loss"):
             assert mine.get(k) == theirs.get(k), f"{variant.name} changes the method key {k}"
@@ -108,7 +113,7 @@ def test_authors_variants_keep_the_method_and_change_only_training_settings(vari
 
 
 def test_gvm_authors_variant_uses_the_authors_clip():
-    cfg = flatten(_config(ROOT / "recipes" / "authors" / "gvm.yaml"))
+    cfg = flatten(_composed(ROOT / "recipes" / "authors" / "gvm.yaml"))
     assert (cfg["model.loss.clip_low"], cfg["model.loss.clip_high"], cfg["model.loss.dual_clip"]) == (0.2, 0.2, 3.0)
     assert cfg["model.loss.kl_coef"] == pytest.approx(1e-3)
 

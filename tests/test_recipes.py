@@ -286,11 +286,16 @@ REPRO = sorted((ROOT / "configs" / "repro").glob("*.yaml"))
 @pytest.mark.parametrize("repro", REPRO, ids=[p.stem for p in REPRO])
 def test_paper_scale_configs_compose_with_the_gpu_overlay(repro, capsys):
     """configs/repro/<method>.yaml (the paper's model, batch, group size, mini-batch, lr, lengths, KL)
-    print on top of configs/gpu-1x.yaml; they are never run here (no GPU, no hub)."""
+    print composed after configs/gpu-1x.yaml and the method's recipe (their header's ``paper scale
+    of``); they are never run here (no GPU, no hub)."""
     import yaml
 
+    from components.analysis.recipe_header import with_base
+
+    configs = with_base(repro, ROOT)
+    assert configs[0] == "configs/gpu-1x.yaml" and configs[1].startswith("recipes/"), configs
     with pytest.raises(SystemExit):
-        main(["fit", "--config", str(ROOT / "configs" / "gpu-1x.yaml"), "--config", str(repro), "--print_config"])
+        main(["fit", *(a for p in configs for a in ("--config", str(ROOT / p))), "--print_config"])
     cfg = yaml.safe_load(capsys.readouterr().out)
     assert "/" in cfg["model"]["model"] and cfg["model"]["model"] != "Qwen/Qwen2.5-0.5B-Instruct"  # the paper's hub id
     assert cfg["model"]["engine"]["class_path"].endswith("VLLMEngine")  # the overlay's engine is kept

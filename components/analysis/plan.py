@@ -1,12 +1,13 @@
 """What an ablation runs: recipes x overlays x regimes x seeds at an equal budget, the ``curate-rl fit``
 command of each run, and which runs are still to do. The runner is ``scripts/ablate.py``.
 
-A :class:`RunSpec` is one (recipe, overlays, seed, regime); :func:`fit_command` turns it into the
-``curate-rl fit`` command line that appends a :class:`~components.callbacks.budget.BudgetCap` and
-points the MLflow logger at the ablation with the tags ``ablation_id``, ``recipe``, ``seed``,
-``ablation_key`` (identity of the run) and ``kind=train``. :func:`plan` decides which specs still
-need running: a spec whose run is ``FINISHED`` is skipped; one left ``RUNNING``/``FAILED``/``KILLED``
-is redone.
+A :class:`RunSpec` is one (recipe, overlays, seed, regime); a recipe that is an overlay (an authors
+variant, ``# authors variant of: recipes/x.yaml``) runs composed after the recipe its header names.
+:func:`fit_command` turns a spec into the ``curate-rl fit`` command line that appends a
+:class:`~components.callbacks.budget.BudgetCap` and points the MLflow logger at the ablation with the
+tags ``ablation_id``, ``recipe``, ``seed``, ``ablation_key`` (identity of the run) and ``kind=train``.
+:func:`plan` decides which specs still need running: a spec whose run is ``FINISHED`` is skipped;
+one left ``RUNNING``/``FAILED``/``KILLED`` is redone.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from components.analysis.cost_axes import Budget
+from components.analysis.recipe_header import recipe_header
 
 BUDGET_CAP = "components.callbacks.budget.BudgetCap"
 
@@ -57,12 +59,21 @@ def regime_files(name: str, root: Path | None = None) -> tuple[str, ...]:
 @dataclass(frozen=True)
 class RunSpec:
     """One run of an ablation: a recipe file, the overlays composed before it, a seed, and the
-    regime overlays composed after it."""
+    regime overlays composed after it. ``base``: what the recipe's header says it overlays (an
+    authors variant's recipe), composed just before it; :meth:`of` reads it from the header."""
 
     recipe: str
     overlays: tuple[str, ...] = ()
     seed: int = 0
     regime: tuple[str, ...] = ()
+    base: tuple[str, ...] = ()
+
+    @classmethod
+    def of(
+        cls, recipe: str, overlays: Sequence[str] = (), seed: int = 0, regime: Sequence[str] = (), root: Path | None = None
+    ) -> RunSpec:
+        """The spec of ``recipe`` with its ``base`` from its header (:func:`recipe_header`)."""
+        return cls(recipe, tuple(overlays), seed, tuple(regime), recipe_header(recipe, root).base)
 
     @property
     def recipe_name(self) -> str:
@@ -75,12 +86,12 @@ class RunSpec:
 
     @property
     def label(self) -> str:
-        return label_of(self.recipe, self.overlays, self.regime)
+        return label_of(self.recipe, (*self.overlays, *self.base), self.regime)
 
     @property
     def configs(self) -> tuple[str, ...]:
         """The config files in the order they are composed."""
-        return (*self.overlays, self.recipe, *self.regime)
+        return (*self.overlays, *self.base, self.recipe, *self.regime)
 
     @property
     def key(self) -> str:
@@ -93,7 +104,7 @@ class RunSpec:
     def files_sha(self, root: Path | None = None) -> str:
         """Hash of the recipe and overlay files' contents: an edited recipe is a different run."""
         h = hashlib.sha1()
-        for p in (*self.overlays, self.recipe, *self.regime):
+        for p in self.configs:
             h.update(_resolve(p, root).read_bytes())
         return h.hexdigest()[:12]
 
@@ -157,7 +168,13 @@ def fit_command(
     not in ``--trainer.logger.init_args.tags``: jsonargparse re-reads every value there as YAML
     (``"null"`` becomes None, ``"1e3"`` 1000.0, JSON-looking text a dict that MLflow rejects), and
     the identity tags must come back exactly.
+
+    A recipe that is an overlay (an authors variant) runs composed after the files its header
+    names; ``spec.base`` must be those (build the spec with :meth:`RunSpec.of`).
     """
+    base = recipe_header(spec.recipe, root).base
+    if spec.base != base:
+        raise ValueError(f"{spec.recipe} is composed after {list(base)}, the spec says {list(spec.base)}: use RunSpec.of")
     cmd = [python, "-m", "components.cli", "fit"]
     for path in spec.configs:
         cmd += ["--config", str(_resolve(path, root).resolve())]

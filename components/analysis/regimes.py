@@ -110,7 +110,7 @@ def build_regime(
 
     A regime on a shipped model returns ``embedded:tiny`` (or its own shipped build) at once. Otherwise the cached folder is
     returned when its ``regime.json`` matches the current spec; else (or with ``force``) the model is
-    warm-started into it first (minutes on one core; see the README's Regimes table).
+    warm-started into it first (minutes on one core; see docs/results.md, Regimes).
     """
     reg = get_regime(name)
     if reg.warm_start is None:
