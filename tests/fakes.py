@@ -1,4 +1,4 @@
-"""Stand-ins for the step's handle (components/step/handle.py) in unit tests.
+"""Stand-ins for the step's handle (components/handle.py) in unit tests.
 
 ``ScriptedHandle``: no model; rewards from a script. Each prompt's rollouts are scored either from
 a fixed list of rewards consumed in order (``scripts[uid]``) or by Bernoulli draws with a per-prompt
@@ -6,7 +6,7 @@ pass rate (``pass_rates[uid]``) from a seeded generator. Every call is recorded,
 what a sampler asked for. It has no policy, so model-based members refuse.
 
 ``ModelHandle``: a real model, engine and reward without Lightning, with exactly the members of
-:class:`~components.step.handle.StepHandle` (``tests/unit/step/test_handle.py`` checks both fakes
+:class:`~components.handle.StepHandle` (``tests/unit/step/test_handle.py`` checks both fakes
 against the protocol). Components that run the policy (GVM, R3, the pre-filter) are tested on it.
 """
 
@@ -18,11 +18,11 @@ from typing import Any
 
 import torch
 
+from components.algos.batch import TokenBatch, forward_logprobs
 from components.engines.base import SamplingParams
 from components.engines.hf import HFEngine
 from components.policy import encode_messages, encode_prompt
 from components.rewards.verifier import Reward, score_guarded
-from components.step.batch import TokenBatch, forward_logprobs
 from components.types import Prompt, Rollout
 
 

@@ -1,6 +1,6 @@
 """What a list of config files resolves to (``curate-rl fit --print_config``), flattened to dotted
 keys, and where two resolved configs differ: the check that a comparison is fair
-(``tests/test_recipe_keys.py``).
+(``tests/integration/test_recipe_keys.py``).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ The header is the file's leading ``#`` lines. Four of them are read, by this mod
   ablation runner adds it to every run (:func:`with_controls`) and the report compares against it
   (:func:`controls_by_name`);
 - ``# method keys: a.b c.d``: the config keys (dotted prefixes) that are the method, the only keys
-  in which a recipe may differ from its control (``tests/test_recipe_keys.py``);
+  in which a recipe may differ from its control (``tests/integration/test_recipe_keys.py``);
 - ``# authors variant of: recipes/x.yaml``: a paper's own training settings (``recipes/authors/``),
   which comparisons do not use; an overlay composed after ``recipes/x.yaml``;
 - ``# paper scale of: configs/gpu-1x.yaml recipes/x.yaml``: a paper's model, batch and lengths

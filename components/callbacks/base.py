@@ -1,6 +1,6 @@
 """Signal callbacks: Lightning callbacks with three extra hooks that the policy module calls.
 
-Each hook receives the step's :class:`~components.step.handle.StepHandle`, never the module.
+Each hook receives the step's :class:`~components.handle.StepHandle`, never the module.
 ``on_groups`` filters or re-weights whole groups after sampling and scoring; ``on_advantages``
 reshapes per-token advantages before the loss, once per generation batch; ``on_micro_batch``
 reshapes them inside the update, once per forwarded micro-batch of every mini-batch update, with
@@ -20,8 +20,8 @@ from components.algos.selection import population_std
 from components.types import Group
 
 if TYPE_CHECKING:
-    from components.step.batch import TokenBatch
-    from components.step.handle import StepHandle
+    from components.algos.batch import TokenBatch
+    from components.handle import StepHandle
 
 
 class SignalCallback(L.Callback):

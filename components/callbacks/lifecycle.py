@@ -42,7 +42,7 @@ from components.errors import ConfigError, RunAborted, StopRequested
 from components.types import Group
 
 if TYPE_CHECKING:
-    from components.step.handle import StepHandle
+    from components.handle import StepHandle
 
 
 class StepAbandoned(StopRequested):

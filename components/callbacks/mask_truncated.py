@@ -16,8 +16,8 @@ import torch
 from components.callbacks.base import SignalCallback
 
 if TYPE_CHECKING:
-    from components.step.batch import TokenBatch
-    from components.step.handle import StepHandle
+    from components.algos.batch import TokenBatch
+    from components.handle import StepHandle
 
 
 def truncated_rows(response_ids: torch.Tensor, response_mask: torch.Tensor, eos_id: int) -> torch.Tensor:

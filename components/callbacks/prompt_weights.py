@@ -53,7 +53,7 @@ from components.errors import ConfigError
 from components.types import Group
 
 if TYPE_CHECKING:
-    from components.step.handle import StepHandle
+    from components.handle import StepHandle
 
 F_CHOICES = ("identity", "log", "arcsin", "power", "callable")
 

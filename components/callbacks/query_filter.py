@@ -39,7 +39,7 @@ from components.types import Group, Prompt
 
 if TYPE_CHECKING:
     from components.data.datamodule import PromptPool
-    from components.step.handle import StepHandle
+    from components.handle import StepHandle
 
 # Per-step amounts a round adds (0 in steps without a round).
 _ROUND_KEYS = (

@@ -37,7 +37,7 @@ Two forms, chosen by ``where``:
 * ``where: batch`` (default) — ours, below.
 
 Choices of ``where: batch`` where the reference is silent or differs (UNVERIFIED against the paper
-body, which was not reachable; they are tested in ``tests/test_token_modulation.py``):
+body, which was not reachable; they are tested in ``tests/unit/callbacks/test_token_modulation.py``):
 
 * **When**: the factors are computed once per generation batch, in ``on_advantages``, from the
   policy that sampled it (one no-grad forward over the rows with a non-zero advantage). The authors
@@ -63,8 +63,8 @@ from components.callbacks.base import SignalCallback
 from components.errors import ConfigError
 
 if TYPE_CHECKING:
-    from components.step.batch import TokenBatch
-    from components.step.handle import StepHandle
+    from components.algos.batch import TokenBatch
+    from components.handle import StepHandle
 
 WHERE = ("batch", "micro_batch")
 # Diagnostics when no token carries an advantage (nothing is modulated).

@@ -33,7 +33,7 @@ from components.errors import ConfigError
 from components.types import Prompt, stable_uid
 
 if TYPE_CHECKING:
-    from components.step.handle import StepHandle
+    from components.handle import StepHandle
 
 Verifier = Callable[[str, Prompt], float]
 

@@ -39,7 +39,7 @@ from components.errors import ConfigError
 from components.types import Prompt, Rollout
 
 if TYPE_CHECKING:
-    from components.step.handle import StepHandle
+    from components.handle import StepHandle
 
 
 @dataclass

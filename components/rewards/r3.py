@@ -52,7 +52,7 @@ from components.rewards.verifier import Reward, extract_answer
 from components.types import Prompt, Rollout
 
 if TYPE_CHECKING:
-    from components.step.handle import StepHandle
+    from components.handle import StepHandle
 
 WEIGHTINGS = ("linear", "power", "softmax", "aggr")
 

@@ -21,13 +21,13 @@ from components.errors import ConfigError
 from components.types import Prompt, Rollout
 
 if TYPE_CHECKING:
-    from components.step.handle import StepHandle
+    from components.handle import StepHandle
 
 
 class Reward(ABC):
     """Scores the rollouts of one prompt in place.
 
-    ``setup`` is called once, before training, with the step's handle (components/step/handle.py:
+    ``setup`` is called once, before training, with the step's handle (components/handle.py:
     the policy, the tokenizer, the contexts, the sampling settings, metrics) and ``verifier_of``,
     which gives each prompt's task verifier ``verify(answer, prompt) -> score`` (the data module's).
     """

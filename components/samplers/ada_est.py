@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from components.errors import ConfigError
+from components.handle import StepHandle
 from components.samplers.allocation import AllocationSampler, Plan, by_uid
-from components.step.handle import StepHandle
 from components.types import Group, Prompt, Rollout
 
 WEIGHTS = ("inverse", "sqrt_var", "uniform")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from components.algos.selection import balanced_indices
 from components.errors import ConfigError
+from components.handle import StepHandle
 from components.samplers.base import Sampler, make_group
-from components.step.handle import StepHandle
 from components.types import Group, Prompt, Rollout
 
 EXITS = ("balanced", "positive")

@@ -28,8 +28,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from components.errors import ConfigError
+from components.handle import StepHandle
 from components.samplers.base import Sampler, make_group
-from components.step.handle import StepHandle
 from components.types import Group, Prompt, Rollout
 
 BUDGET_FIELD = "model.sampler.rollouts_per_prompt"

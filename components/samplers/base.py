@@ -1,6 +1,6 @@
 """The sampler slot: how many rollouts each prompt gets, and which ones are kept.
 
-A sampler sees the step's prompts and the step's :class:`~components.step.handle.StepHandle`, through
+A sampler sees the step's prompts and the step's :class:`~components.handle.StepHandle`, through
 which it generates and scores rollouts (every sample drawn is counted in the budget there, so no sampler can forget to),
 draws extra prompts, and logs its own metrics. It returns ragged :class:`~components.types.Group` s.
 
@@ -31,7 +31,7 @@ import torch
 
 from components.engines.base import SamplingParams
 from components.errors import ConfigError
-from components.step.handle import StepHandle
+from components.handle import StepHandle
 from components.types import Group, Prompt, Rollout
 
 

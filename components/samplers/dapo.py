@@ -6,8 +6,8 @@ import logging
 
 from components.algos.selection import spread
 from components.errors import ConfigError
+from components.handle import StepHandle
 from components.samplers.base import Sampler, make_group
-from components.step.handle import StepHandle
 from components.types import Group, Prompt
 
 log = logging.getLogger(__name__)

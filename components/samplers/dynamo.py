@@ -12,8 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 from components.errors import ConfigError
+from components.handle import StepHandle
 from components.samplers.allocation import AllocationSampler, Plan, by_uid, water_fill
-from components.step.handle import StepHandle
 from components.types import Prompt, Rollout
 
 POSITIVES = ("reward_gt_0", "passed")

@@ -13,11 +13,11 @@ from typing import Any
 
 import torch
 
+from components.algos.batch import build_batch
 from components.errors import ConfigError
+from components.handle import StepHandle
 from components.samplers.allocation import AllocationSampler, Plan, by_uid, largest_remainder
 from components.samplers.base import make_group
-from components.step.batch import build_batch
-from components.step.handle import StepHandle
 from components.types import Group, Prompt, Rollout
 
 

@@ -7,8 +7,8 @@ from typing import Any
 
 from components.algos.selection import max_variance_indices, population_std, top_indices
 from components.errors import ConfigError
+from components.handle import StepHandle
 from components.samplers.base import FixedGroupSampler, Sampler
-from components.step.handle import StepHandle
 from components.types import Group, Prompt
 
 RULES = ("max_variance", "max_reward", "random")

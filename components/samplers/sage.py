@@ -51,9 +51,9 @@ from collections import Counter
 from jsonargparse import lazy_instance
 
 from components.errors import ConfigError
+from components.handle import StepHandle
 from components.samplers.base import ContextTransform, FixedGroupSampler, Sampler, TransformedSampler
 from components.samplers.hints import HintSource, SelfHint
-from components.step.handle import StepHandle
 from components.types import Group, Prompt, Rollout
 
 DEFAULT_TEMPLATE = "{problem}\nHere is a hint to help you:\n{hint}"

@@ -34,10 +34,10 @@ from typing import Any
 from jsonargparse import lazy_instance
 
 from components.errors import ConfigError
+from components.handle import StepHandle
 from components.samplers.base import Sampler, TransformedSampler
 from components.samplers.hints import HintSource, SelfHint
 from components.samplers.sage import DEFAULT_TEMPLATE, HintTransform, _inner
-from components.step.handle import StepHandle
 from components.types import Group, Prompt, Rollout
 
 RULES = ("paper", "code")

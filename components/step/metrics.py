@@ -1,5 +1,8 @@
 """The step's metrics: gate counts, budget, signal, cumulative totals, and their way to the loggers.
 
+The functions take the policy module (``components.step.module.PolicyModule``) itself: they are the
+Lightning side of the step, not a component.
+
 Every recipe logs the same core set (DESIGN.md "Metrics"), so recipes compare on one table. Counts
 are summed over data-parallel ranks before they are logged or accumulated; the cumulative budget
 is checkpointed with the module (``module.cumulative``).
@@ -9,13 +12,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import lightning as L
 import torch
 
 from components.types import Group
 
 if TYPE_CHECKING:
-    from components.step.batch import TokenBatch
-    from components.step.module import PolicyModule
+    from components.algos.batch import TokenBatch
 
 # Per-step budget counters that also accumulate (``budget/cum_<name>``), checkpointed with the run.
 CUMULATIVE = (
@@ -63,7 +66,7 @@ def log_gate(m: dict[str, float], groups: list[Group]) -> None:
     m["sampler/group_size_min"] = min(sizes)
 
 
-def reduce_across_ranks(module: PolicyModule, m: dict[str, float]) -> None:
+def reduce_across_ranks(module: L.LightningModule, m: dict[str, float]) -> None:
     """Sum the step's counts over data-parallel ranks (one all-reduce), in place, so budget,
     gate and reward metrics (and the cumulative budget, which ``BudgetCap`` reads) are the
     run's, identical on every rank. Other metrics (losses, method diagnostics) stay rank 0's."""
@@ -74,7 +77,7 @@ def reduce_across_ranks(module: PolicyModule, m: dict[str, float]) -> None:
     m.update(zip(SUMMED, vals.tolist()))
 
 
-def log_step(module: PolicyModule, groups: list[Group], batch: TokenBatch | None) -> None:
+def log_step(module: L.LightningModule, groups: list[Group], batch: TokenBatch | None) -> None:
     """Finish the step's metrics (in-loss budget, signal, cross-rank sums, cumulative totals) and emit them."""
     m = module.step_metrics
     m["budget/rollouts_in_loss"] = sum(g.size for g in groups)
@@ -111,7 +114,7 @@ def log_step(module: PolicyModule, groups: list[Group], batch: TokenBatch | None
     emit(module, m)
 
 
-def emit(module: PolicyModule, m: dict[str, float]) -> None:
+def emit(module: L.LightningModule, m: dict[str, float]) -> None:
     """Write the step's metrics to every logger in one call.
 
     Lightning's ``self.log`` costs ~0.5 ms per key (result collection, syncing checks), about
@@ -130,7 +133,7 @@ def emit(module: PolicyModule, m: dict[str, float]) -> None:
             lg.log_metrics(metrics, step=step)
 
 
-def log_completions(module: PolicyModule, groups: list[Group]) -> None:
+def log_completions(module: L.LightningModule, groups: list[Group]) -> None:
     """A table of sample completions (8 groups x 4 rollouts) in MLflow."""
     logger = module.logger
     if logger is None or not hasattr(logger, "experiment") or not hasattr(logger, "run_id"):

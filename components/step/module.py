@@ -23,6 +23,7 @@ from jsonargparse import lazy_instance
 from lightning.pytorch.cli import OptimizerCallable
 
 from components.algos.advantages import AdvantageConfig, get_advantage
+from components.algos.batch import TokenBatch, build_batch, forward_logprobs
 from components.algos.losses import LossConfig, get_aggregation, get_policy_loss
 from components.callbacks.base import SignalCallback
 from components.callbacks.lifecycle import rng_state, set_rng_state
@@ -33,9 +34,8 @@ from components.policy import encode_prompt, load_policy
 from components.rewards.verifier import Reward, VerifierReward
 from components.samplers.base import FixedGroupSampler, Sampler
 from components.step import metrics
-from components.step.batch import TokenBatch, build_batch, forward_logprobs
 from components.step.evaluation import EvalConfig, Evaluator
-from components.step.handle import ModuleHandle
+from components.step.module_handle import ModuleHandle
 from components.step.signal_health import log_signal_health
 from components.step.update import OptimizerHooks, Updater, compute_advantages
 from components.types import Prompt
@@ -129,7 +129,7 @@ class PolicyModule(L.LightningModule):
         self.reward_fault_last = ""  # the last reward fault's message (for RunGuard's stop message)
         self.step_metrics: dict[str, float] = {}
         self.evaluator = Evaluator(eval)
-        # The one way components reach the step (components/step/handle.py), never this module.
+        # The one way components reach the step (components/handle.py), never this module.
         self.handle = ModuleHandle(self)
         self.sampler.setup(self.handle)
 

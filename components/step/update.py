@@ -3,7 +3,7 @@
 Everything here is a function of the batch, the handle and the configs; the module calls it in
 this order:
 
-    build_batch(groups)                      ragged groups -> padded (N, C + R) rows (components.step.batch)
+    build_batch(groups)                      ragged groups -> padded (N, C + R) rows (components.algos.batch)
     compute_advantages(batch, cfg)           registered estimator x group weight x rollout weight
     Updater.run(batch, handle, optim)        old/ref log-probs once per batch, then
                                              ppo_epochs x num_minibatches shuffled mini-batches, each
@@ -13,7 +13,7 @@ this order:
 
 The Lightning side (``manual_backward``, gradient clipping, the optimizer step through the
 strategy) stays in the module, which hands the updater an :class:`OptimizerHooks`; the updater sees
-the step only through its :class:`~components.step.handle.StepHandle`.
+the step only through its :class:`~components.handle.StepHandle`.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from typing import Any
 import torch
 
 from components.algos.advantages import AdvantageConfig, get_advantage
+from components.algos.batch import TokenBatch
 from components.algos.losses import LossConfig, LossInputs, get_policy_loss
-from components.step.batch import TokenBatch
-from components.step.handle import StepHandle
+from components.handle import StepHandle
 
 
 def compute_advantages(batch: TokenBatch, cfg: AdvantageConfig) -> torch.Tensor:

@@ -12,20 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from components.analysis.config_diff import differences_outside, flatten, resolved_config, under_any
+from components.analysis.config_diff import differences_outside, flatten, under_any
 from components.analysis.recipe_header import RecipeHeader, controls_by_name, recipe_header, with_base, with_controls
+from tests.runs import ROOT, resolved
 
-ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 AUTHORS = sorted((ROOT / "recipes" / "authors").glob("*.yaml"))
-_cache: dict[tuple[str, ...], dict] = {}
-
-
 def _config(*paths: Path) -> dict:
-    key = tuple(str(p) for p in paths)
-    if key not in _cache:
-        _cache[key] = resolved_config(paths)
-    return _cache[key]
+    return resolved(*paths)  # cached for the session (tests/runs.py)
 
 
 def _header(path: Path | str) -> RecipeHeader:

@@ -5,31 +5,16 @@ from __future__ import annotations
 
 import math
 import sqlite3
-from pathlib import Path
 
 import pytest
 import torch
 
 from components.cli import build_cli, main
 from components.policy import load_policy
+from tests.runs import ROOT, SMALL, metrics_of
 
-ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
-SMALL = [
-    "--data.train_size",
-    "120",
-    "--data.heldout_size",
-    "16",
-    "--data.batch_size",
-    "8",
-    "--model.eval.samples",
-    "2",
-    "--trainer.val_check_interval",
-    "2",
-    "--model.log_completions_every_n_steps",
-    "1",
-]
 CORE_METRICS = [
     "gate/open_frac",
     "gate/all_zero_frac",
@@ -53,15 +38,6 @@ CORE_METRICS = [
 ]
 
 
-def _metrics(db: Path) -> dict[str, list[float]]:
-    con = sqlite3.connect(db)
-    out: dict[str, list[float]] = {}
-    for key, value in con.execute("select key, value from metrics order by step"):
-        out.setdefault(key, []).append(value)
-    con.close()
-    return out
-
-
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
 def test_recipe_smoke(recipe, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -69,7 +45,7 @@ def test_recipe_smoke(recipe, tmp_path, monkeypatch):
     cli = build_cli(["fit", "--config", str(recipe), "--trainer.max_steps", "3", *SMALL])
     assert cli.trainer.global_step == 3
     after = cli.model.policy.state_dict()
-    m = _metrics(tmp_path / "mlflow.db")
+    m = metrics_of(tmp_path / "mlflow.db")
     # RunGuard leaves the policy untouched on a step whose every group is degenerate (e.g. the
     # reasoning regime on the embedded model, which never solves it): only then may nothing change.
     all_degenerate = m.get("train/degenerate_step") == [1.0, 1.0, 1.0]
@@ -188,7 +164,7 @@ def test_ppo_epochs_minibatches_and_kl_are_real(tmp_path, monkeypatch):
         ]
     )
     assert cli.trainer.global_step == 2
-    m = _metrics(tmp_path / "mlflow.db")
+    m = metrics_of(tmp_path / "mlflow.db")
     # old log-probs were kept: after the first mini-batch update the ratio moves away from 1
     assert any(abs(v - 1) > 1e-4 for v in m["policy/ratio_mean"])
     # the frozen reference differs from the policy after the first step
@@ -215,7 +191,7 @@ def test_step_with_no_group_in_the_loss_still_counts_and_changes_nothing(tmp_pat
     assert cli.trainer.global_step == 2
     after = cli.model.policy.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    m = _metrics(tmp_path / "mlflow.db")
+    m = metrics_of(tmp_path / "mlflow.db")
     assert m["filter/dropped_frac"] == [1.0, 1.0] and m["budget/rollouts_in_loss"] == [0.0, 0.0]
 
 
@@ -250,7 +226,7 @@ def test_skipping_zero_advantage_rows_gives_the_same_update(tmp_path, monkeypatc
                 "1",
             ]
         )
-        m = _metrics(d / "mlflow.db")
+        m = metrics_of(d / "mlflow.db")
         assert 0 < m["budget/rollouts_nonzero_adv"][0] < m["budget/rollouts_in_loss"][0]  # some rows were skippable
         params.append({k: v.clone() for k, v in cli.model.policy.state_dict().items()})
     assert all(torch.allclose(params[0][k], params[1][k], atol=1e-6) for k in params[0])
@@ -275,7 +251,7 @@ def test_all_zero_advantages_skip_the_update_and_still_count(tmp_path, monkeypat
     )
     assert cli.trainer.global_step == 2
     assert all(torch.equal(before[k], v) for k, v in cli.model.policy.state_dict().items())
-    m = _metrics(tmp_path / "mlflow.db")
+    m = metrics_of(tmp_path / "mlflow.db")
     # every group degenerate: RunGuard skips the step's update and says so
     assert m["budget/rollouts_nonzero_adv"] == [0.0, 0.0] and m["train/degenerate_step"] == [1.0, 1.0]
 

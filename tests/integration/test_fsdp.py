@@ -6,9 +6,8 @@ import os
 import sqlite3
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.runs import ROOT
 
 
 def test_fsdp2_two_process_fit_and_resume(tmp_path):

@@ -4,12 +4,9 @@ through the CLI on the tiny model (prefix hints in the training context, not in 
 from __future__ import annotations
 
 import json
-import sqlite3
-from pathlib import Path
 
 import pytest
 
-from components.cli import build_cli
 from components.errors import ConfigError
 from components.rewards.verifier import Reward
 from components.samplers.ada_seq import ReinforceAdaSeq
@@ -20,9 +17,6 @@ from components.samplers.sage import SAGESampler
 from components.samplers.sage_light import SAGELight
 from components.types import Group, Prompt
 from tests.fakes import ScriptedHandle, make_prompts
-from tests.test_recipes import SMALL, _metrics
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _p(uid: str, answer: str = "579", reference: str | None = None) -> Prompt:
@@ -169,19 +163,6 @@ def test_bad_sage_settings_name_the_field(kwargs, field):
         SAGESampler(**kwargs)
 
 
-def test_sage_recipe_runs_with_hints_in_training_only(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    recipe = ROOT / "recipes" / "sage.yaml"
-    cli = build_cli(["fit", "--config", str(recipe), *SMALL, "--trainer.max_steps", "2"])
-    assert cli.trainer.global_step == 2
-    m = _metrics(tmp_path / "mlflow.db")
-    # The embedded mix has an impossible 3-digit slice: some groups always fail and get hinted.
-    assert sum(m["hint/prompts_with_hint"]) > 0 and sum(m["hint/used_level_1"]) > 0
-    assert all(0 <= v <= 1 for v in m["eval/pass_at_1"])
-    con = sqlite3.connect(tmp_path / "mlflow.db")
-    assert (
-        dict(con.execute("select key, value from params"))["model/sampler/class_path"] == "components.samplers.sage.SAGESampler"
-    )
 
 
 # ---- hinting composed with other samplers ------------------------------------------------------
@@ -256,7 +237,7 @@ class _FailFirstDraw(Reward):
     ids=["ada_seq", "dapo"],
 )
 def test_the_loss_sees_the_hinted_context_and_evaluation_never_does(inner):
-    from components.step.batch import build_batch
+    from components.algos.batch import build_batch
     from components.step.module import PolicyModule
 
     sampler = SAGESampler(inner=inner(), hints=PrefixHint(use_answer=True), template="{problem} {hint}")

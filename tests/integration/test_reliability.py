@@ -22,8 +22,8 @@ import torch
 from components.callbacks.checkpoint import AtomicCheckpointIO
 from components.cli import build_cli, main
 from components.errors import RunAborted
+from tests.runs import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 GRPO = str(ROOT / "recipes" / "grpo.yaml")
 TINY = [
     "--data.train_size",

@@ -146,7 +146,7 @@ def shared_prompt_logits(
     group the group's ``context_ids``). One forward over the distinct contexts, with gradient,
     fills a KV cache; the cache is indexed out to the rows (its backward sums each row's gradient
     into its group's context), and the responses are forwarded on top of it. The result equals the
-    plain forward's up to float rounding (``tests/test_update.py``), for a fraction of the work
+    plain forward's up to float rounding (``tests/unit/step/test_update.py``), for a fraction of the work
     when responses are short next to contexts. Returns ``(n, r, V)`` logits and the tokens forwarded.
     """
     g = group.to("cpu")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -29,7 +28,7 @@ def test_recipe_fit_on_cuda(tmp_path, monkeypatch):
     from components.cli import build_cli
 
     monkeypatch.chdir(tmp_path)
-    root = Path(__file__).resolve().parents[1]
+    from tests.runs import ROOT as root
     cli = build_cli(
         [
             "fit",

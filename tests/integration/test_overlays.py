@@ -3,21 +3,19 @@ recipes/x.yaml``) and ``configs/repro/x.yaml`` (header ``# paper scale of: confi
 recipes/x.yaml``) each compose after the files their header names, resolve, and set no key to the
 value it already has there.
 
-Configs resolve in-process (``components.analysis.config_diff.resolved_config``, what
-``--print_config`` prints), a fraction of a second each.
+Configs resolve in-process (``tests.runs.resolved``: ``resolved_config``, what ``--print_config``
+prints, cached for the test session), a fraction of a second each.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import yaml
 
-from components.analysis.config_diff import flatten, resolved_config
+from components.analysis.config_diff import flatten
 from components.analysis.recipe_header import recipe_header, with_base
+from tests.runs import ROOT, resolved
 
-ROOT = Path(__file__).resolve().parents[1]
 OVERLAYS = sorted((ROOT / "recipes" / "authors").glob("*.yaml")) + sorted((ROOT / "configs" / "repro").glob("*.yaml"))
 
 
@@ -44,8 +42,8 @@ def test_overlay_composes_after_its_base_and_sets_only_what_differs(overlay):
     assert with_base(overlay, ROOT) == (*base, str(overlay))
     own = flatten(yaml.load(overlay.read_text(), Loader=_StrictLoader))
     assert own, f"{overlay.name} sets nothing"
-    before = flatten(resolved_config([ROOT / p for p in base]))
-    after = flatten(resolved_config([ROOT / p for p in base] + [overlay]))
+    before = flatten(resolved(*(ROOT / p for p in base)))
+    after = flatten(resolved(*(ROOT / p for p in base), overlay))
     same = sorted(k for k in own if after.get(k) == before.get(k))
     assert not same, f"{overlay.name} sets keys to the value they already have after {list(base)}: {same}"
     for key, value in own.items():

@@ -11,11 +11,8 @@ tests/test_fsdp.py runs for the HF path).
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,53 +20,12 @@ import torch
 from components.engines.base import SamplingParams, eos_token_ids
 from components.engines.hf import HFEngine
 from components.policy import encode_prompt, load_policy
-
-ROOT = Path(__file__).resolve().parents[1]
-STANDIN = Path(__file__).resolve().parent / "vllm_standin"
-
-
-def _nasty_model(folder: Path, **gen_overrides) -> Path:
-    """The embedded tiny model in a folder whose generation_config.json changes sampling a lot."""
-    model, tok = load_policy("embedded:tiny")
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    cfg = json.loads((folder / "generation_config.json").read_text())
-    cfg.update(
-        do_sample=True,
-        temperature=0.3,
-        repetition_penalty=1.5,
-        top_k=3,
-        top_p=0.3,
-        no_repeat_ngram_size=2,
-        min_length=12,
-        min_p=0.2,
-        suppress_tokens=[5, 6, 7],
-        **gen_overrides,
-    )
-    (folder / "generation_config.json").write_text(json.dumps(cfg))
-    return folder
-
-
-def _teacher_forced(model, context: list[int], tokens: list[int], temperature: float) -> torch.Tensor:
-    with torch.no_grad():
-        logits = model(torch.tensor([context + tokens])).logits[0, len(context) - 1 : -1].float()
-    return torch.log_softmax(logits / (temperature or 1.0), -1).gather(1, torch.tensor(tokens)[:, None]).squeeze(1)
-
-
-def _max_gap(model, contexts, outs, temperature: float) -> float:
-    gaps = [
-        (_teacher_forced(model, c, r.token_ids, temperature) - torch.tensor(r.logprobs)).abs().max().item()
-        for c, rs in zip(contexts, outs)
-        for r in rs
-        if r.token_ids
-    ]
-    assert gaps, "no tokens were generated"
-    return max(gaps)
+from tests.engines import max_gap, nasty_model, sgd_step, teacher_forced, vllm_engine, vllm_weights_equal
 
 
 # ---- HF engine ----------------------------------------------------------------------------------
 def test_hf_engine_ignores_the_models_generation_config(tmp_path):
-    model, tok = load_policy(str(_nasty_model(tmp_path)))
+    model, tok = load_policy(str(nasty_model(tmp_path)))
     assert model.generation_config.repetition_penalty == 1.5 and model.generation_config.top_k == 3
     eng = HFEngine()
     eng.bind(model, tok)
@@ -77,63 +33,15 @@ def test_hf_engine_ignores_the_models_generation_config(tmp_path):
     torch.manual_seed(0)
     for temperature in (1.0, 0.7):
         outs = eng.generate(ctxs, [4, 3], SamplingParams(temperature, 1.0, 10))
-        assert _max_gap(model, ctxs, outs, temperature) < 1e-4
+        assert max_gap(model, ctxs, outs, temperature) < 1e-4
     # min_length 12 would have forbidden EOS before 12 tokens; here rollouts end at EOS earlier.
     assert any(r.finished and len(r.token_ids) < 12 for rs in outs for r in rs)
     # With top-p < 1 the sampling distribution is truncated: the loss's log-probs differ, as documented.
     outs = eng.generate(ctxs, [4, 3], SamplingParams(1.0, 0.5, 10))
-    assert _max_gap(model, ctxs, outs, 1.0) > 1e-3
+    assert max_gap(model, ctxs, outs, 1.0) > 1e-3
     assert model.generation_config.repetition_penalty == 1.5  # the model's own config is left as it was
 
 
-def test_hf_engine_trains_on_a_model_with_a_nasty_generation_config(tmp_path, monkeypatch):
-    """A fit on a model whose generation_config sets repetition_penalty / top_k / top_p: every
-    rollout's sampling log-probs equal the policy's teacher-forced log-probs at that moment."""
-    from components.cli import build_cli
-
-    folder = _nasty_model(tmp_path / "model")
-    gaps: list[float] = []
-    original = HFEngine.generate
-
-    def probed(self, contexts, n_each, params):
-        outs = original(self, contexts, n_each, params)
-        if params.temperature > 0 and params.top_p == 1.0:
-            gaps.append(_max_gap(self.model, contexts, outs, params.temperature))
-        return outs
-
-    monkeypatch.setattr(HFEngine, "generate", probed)
-    monkeypatch.chdir(tmp_path)
-    cli = build_cli(
-        [
-            "fit",
-            "--config",
-            str(ROOT / "recipes" / "grpo.yaml"),
-            "--model.model",
-            str(folder),
-            "--trainer.max_steps",
-            "2",
-            "--data.train_size",
-            "40",
-            "--data.heldout_size",
-            "4",
-            "--data.batch_size",
-            "4",
-            "--model.sampler.group_size",
-            "4",
-            "--model.eval.samples",
-            "1",
-            "--model.eval.at_start",
-            "false",
-            "--model.log_completions_every_n_steps",
-            "0",
-            "--model.export_dir",
-            "null",
-            "--model.sampling.temperature",
-            "0.8",
-        ]
-    )
-    assert cli.trainer.global_step == 2
-    assert len(gaps) >= 2 and max(gaps) < 1e-4
 
 
 def test_eos_is_every_id_the_model_declares(tmp_path):
@@ -166,71 +74,18 @@ def test_stop_strings_end_a_rollout():
     for r in stopped:
         assert r.text.endswith("4") and r.finished and len(r.logprobs) == len(r.token_ids)
     for r in rs:
-        assert _teacher_forced(model, ctx, r.token_ids, 1.0).sub(torch.tensor(r.logprobs)).abs().max() < 1e-4
+        assert teacher_forced(model, ctx, r.token_ids, 1.0).sub(torch.tensor(r.logprobs)).abs().max() < 1e-4
 
 
-@pytest.mark.slow
-def test_generate_memory_does_not_grow_with_steps_times_vocab():
-    """One generate of 8 rows x 256 new tokens over a 32k vocabulary: keeping every step's scores
-    would hold 8 x 256 x 32000 x 4 B = 262 MB; the engine keeps one step's (1 MB)."""
-    run = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "scripts" / "bench_generate_memory.py"),
-            "--batch",
-            "8",
-            "--steps",
-            "256",
-            "--vocab",
-            "32000",
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert run.returncode == 0, run.stderr[-2000:]
-    rows = {r["mode"]: r for r in map(json.loads, run.stdout.strip().splitlines())}
-    scores_bytes = 8 * 256 * 32000 * 4
-    assert rows["output_scores"]["peak_mib"] > 0.8 * scores_bytes / 2**20  # the measurement sees O(steps x vocab)
-    assert rows["engine"]["peak_mib"] < 0.3 * scores_bytes / 2**20
 
 
 # ---- vLLM engine against the stand-in -----------------------------------------------------------
-@pytest.fixture
-def standin(monkeypatch):
-    """`import vllm` finds tests/vllm_standin; the environment the engine sets is restored after."""
-    monkeypatch.syspath_prepend(str(STANDIN))
-    for name in [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")]:
-        monkeypatch.delitem(sys.modules, name)
-    for var in ("VLLM_ENABLE_V1_MULTIPROCESSING", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(var, raising=False)
-    import vllm
-
-    assert vllm.__version__.endswith("+standin")
-    return vllm
 
 
-def _vllm_engine(model, tok, **kw):
-    from components.engines.vllm import VLLMEngine
-
-    eng = VLLMEngine(dtype="float32", **kw)
-    eng.bind(model, tok)
-    return eng
 
 
-def _vllm_weights_equal(eng, model) -> bool:
-    theirs = dict(eng.llm.worker.model_runner.model.named_parameters())
-    return all(torch.equal(theirs[n], p.detach()) for n, p in model.named_parameters())
 
 
-def _sgd_step(model, ctx: list[int], seed: int) -> None:
-    torch.manual_seed(seed)
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    model(torch.tensor([ctx]), labels=torch.tensor([ctx])).loss.backward()
-    opt.step()
-    opt.zero_grad()
 
 
 def test_standin_fails_the_way_vllm_does(standin, tmp_path, monkeypatch):
@@ -268,24 +123,24 @@ def test_standin_fails_the_way_vllm_does(standin, tmp_path, monkeypatch):
 
 def test_vllm_two_generates_per_step_with_sleep_and_a_sync_after_each_step(standin):
     model, tok = load_policy("embedded:tiny")
-    eng = _vllm_engine(model, tok, enable_sleep_mode=True)
+    eng = vllm_engine(model, tok, enable_sleep_mode=True)
     eng.start(model, device=torch.device("cuda", 0))
     assert eng.llm.device == "cuda:0" and os.environ.get("LOCAL_RANK") is None  # restored after the build
-    assert _vllm_weights_equal(eng, model)  # the dummy weights were replaced by the policy's
+    assert vllm_weights_equal(eng, model)  # the dummy weights were replaced by the policy's
     ctxs = [encode_prompt(tok, "12 + 30 ="), encode_prompt(tok, "7 - 3 =")]
     for step in range(3):
         for _ in range(2):  # e.g. SAGE / DAPO refills: several generates in one step
             outs = eng.generate(ctxs, [3, 2], SamplingParams(1.0, 1.0, 6))
             assert [len(rs) for rs in outs] == [3, 2]
-            assert _max_gap(model, ctxs, outs, 1.0) < 1e-4  # vLLM samples from the policy's current weights
+            assert max_gap(model, ctxs, outs, 1.0) < 1e-4  # vLLM samples from the policy's current weights
         eng.sleep()  # before the update
         assert eng.llm.worker.sleeping == {"weights", "kv_cache"}
-        _sgd_step(model, ctxs[0], step)
+        sgd_step(model, ctxs[0], step)
         eng.sync_weights(model)
-        assert _vllm_weights_equal(eng, model)
+        assert vllm_weights_equal(eng, model)
         assert eng.llm.worker.sleeping == {"kv_cache"}
     outs = eng.generate(ctxs, [2, 2], SamplingParams(1.0, 1.0, 6))
-    assert _max_gap(model, ctxs, outs, 1.0) < 1e-4
+    assert max_gap(model, ctxs, outs, 1.0) < 1e-4
     assert eng.llm.stale_prefix_hits == 0  # the prefix cache was reset after every sync
     calls = [c for c, _ in eng.llm.calls]
     for i, c in enumerate(calls):  # every sync is followed by a prefix-cache reset
@@ -297,39 +152,39 @@ def test_vllm_two_generates_per_step_with_sleep_and_a_sync_after_each_step(stand
 def test_vllm_without_sync_goes_off_policy(standin):
     """The check above can fail: skip the sync and the engine samples from stale weights."""
     model, tok = load_policy("embedded:tiny")
-    eng = _vllm_engine(model, tok)
+    eng = vllm_engine(model, tok)
     eng.start(model, device=torch.device("cuda", 0))
     ctxs = [encode_prompt(tok, "12 + 30 =")]
-    _sgd_step(model, ctxs[0], 0)
+    sgd_step(model, ctxs[0], 0)
     outs = eng.generate(ctxs, [4], SamplingParams(1.0, 1.0, 6))
-    assert _max_gap(model, ctxs, outs, 1.0) > 1e-3
+    assert max_gap(model, ctxs, outs, 1.0) > 1e-3
 
 
 def test_vllm_resume_then_sync_loads_the_restored_weights(standin, tmp_path):
     model, tok = load_policy("embedded:tiny")
     ctx = encode_prompt(tok, "12 + 30 =")
-    _sgd_step(model, ctx, 0)
+    sgd_step(model, ctx, 0)
     torch.save(model.state_dict(), tmp_path / "ckpt.pt")
     # A new process: the policy is built from the base weights, then the checkpoint is restored
     # (Lightning does this before on_train_start, where the module starts the engine).
     resumed, tok = load_policy("embedded:tiny")
     resumed.load_state_dict(torch.load(tmp_path / "ckpt.pt"))
-    eng = _vllm_engine(resumed, tok, enable_sleep_mode=True)
+    eng = vllm_engine(resumed, tok, enable_sleep_mode=True)
     eng.start(resumed, device=torch.device("cuda", 1), rank=1, world_size=2)
     assert eng.llm.device == "cuda:1" and eng.llm.rank == 1  # this rank's own device
-    assert _vllm_weights_equal(eng, resumed)
+    assert vllm_weights_equal(eng, resumed)
     base, _ = load_policy("embedded:tiny")
-    assert not _vllm_weights_equal(eng, base)
+    assert not vllm_weights_equal(eng, base)
     # A second start (e.g. a second fit on the same module after another restore) syncs again.
-    _sgd_step(resumed, ctx, 1)
+    sgd_step(resumed, ctx, 1)
     eng.sleep()
     eng.start(resumed, device=torch.device("cuda", 1), rank=1, world_size=2)
-    assert _vllm_weights_equal(eng, resumed)
+    assert vllm_weights_equal(eng, resumed)
 
 
 def test_vllm_greedy_with_n_above_one(standin):
     model, tok = load_policy("embedded:tiny")
-    eng = _vllm_engine(model, tok)
+    eng = vllm_engine(model, tok)
     eng.start(model, device=torch.device("cuda", 0))
     ctxs = [encode_prompt(tok, "12 + 30 ="), encode_prompt(tok, "7 - 3 =")]
     outs = eng.generate(ctxs, [3, 0], SamplingParams(0.0, 1.0, 6))
@@ -369,7 +224,7 @@ def test_vllm_syncs_fsdp2_gathered_weights_one_at_a_time(standin, monkeypatch):
         next(stream)
         assert len(gathered) == 1  # lazily: one parameter gathered per item
         gathered.clear()
-        eng = _vllm_engine(model, tok, enable_sleep_mode=True)
+        eng = vllm_engine(model, tok, enable_sleep_mode=True)
         eng.start(model, device=torch.device("cuda", 0))
         assert len(gathered) == len(reference)
         theirs = dict(eng.llm.worker.model_runner.model.named_parameters())
@@ -378,58 +233,3 @@ def test_vllm_syncs_fsdp2_gathered_weights_one_at_a_time(standin, monkeypatch):
         dist.destroy_process_group()
 
 
-def test_vllm_engine_in_a_fit_with_resume(standin, tmp_path, monkeypatch):
-    """The module's hooks with the (stand-in) vLLM engine: start at on_train_start, sleep before
-    each update, sync after it; a resumed fit starts the engine with the restored weights."""
-    from components.cli import build_cli
-
-    monkeypatch.chdir(tmp_path)
-    args = [
-        "fit",
-        "--config",
-        str(ROOT / "recipes" / "grpo.yaml"),
-        "--model.engine",
-        "components.engines.vllm.VLLMEngine",
-        "--model.engine.dtype",
-        "float32",
-        "--model.engine.enable_sleep_mode",
-        "true",
-        "--data.train_size",
-        "40",
-        "--data.heldout_size",
-        "4",
-        "--data.batch_size",
-        "2",
-        "--model.sampler.group_size",
-        "4",
-        "--model.eval.samples",
-        "1",
-        "--model.eval.at_start",
-        "false",
-        "--trainer.val_check_interval",
-        "2",
-        "--checkpoint.every_n_train_steps",
-        "2",
-        "--model.log_completions_every_n_steps",
-        "0",
-        "--model.export_dir",
-        "null",
-    ]
-    first = build_cli([*args, "--trainer.max_steps", "2"])
-    eng = first.model.engine
-    assert _vllm_weights_equal(eng, first.model.policy)  # synced after the last optimizer step
-    calls = [c for c, _ in eng.llm.calls]
-    assert calls.count("sleep") >= 2 and eng.llm.stale_prefix_hits == 0
-    first_rpc = calls.index("collective_rpc")
-    assert "generate" not in calls[:first_rpc]  # the initial sync comes before any generate
-    trained = {n: p.detach().clone() for n, p in first.model.policy.named_parameters()}
-    ckpt = next((tmp_path / "checkpoints").rglob("last.ckpt"))  # checkpoints/<run>/last.ckpt
-    second = build_cli([*args, "--trainer.max_steps", "3", "--ckpt_path", str(ckpt)])
-    assert second.trainer.global_step == 3
-    eng2 = second.model.engine
-    assert eng2 is not eng and eng2.llm.calls[0][0] == "collective_rpc"
-    # The resumed engine's first generate sampled with the restored weights, not the base model's.
-    restored = float(sum(p.double().sum() for p in trained.values()))
-    base, _ = load_policy("embedded:tiny")
-    assert abs(restored - float(sum(p.double().sum() for p in base.parameters()))) > 1e-3
-    assert eng2.llm.generate_weight_sums[0] == pytest.approx(restored, abs=1e-6)

@@ -4,21 +4,17 @@ callback on a real batch of the tiny policy (independent of micro-batching and o
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
+from components.algos.batch import build_batch
 from components.callbacks.token_modulation import DynaMOModulation, dynamo_token_factors
-from components.cli import build_cli
 from components.errors import ConfigError
-from components.step.batch import build_batch
 from components.step.module import PolicyModule
 from components.step.update import compute_advantages
 from components.types import Group, Prompt, Rollout
-from tests.test_recipes import SMALL, _metrics
 
-ROOT = Path(__file__).resolve().parents[1]
 MASK = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0]])
 ENT = torch.tensor([[0.5, 2.0, 1.0, 9.0], [0.1, 3.0, 1.5, 2.0], [0.2, 0.3, 0.0, 0.0]])
 LOGP = torch.log(torch.tensor([[0.6, 0.2, 0.4, 0.5], [0.9, 0.05, 0.3, 0.2], [0.5, 0.5, 1.0, 1.0]]))
@@ -117,11 +113,3 @@ def test_callback_on_a_real_batch_is_independent_of_micro_batches_and_zero_rows(
     assert torch.allclose(full.advantages[:n], only.advantages, atol=1e-6)
 
 
-def test_dynamo_recipe_modulates_and_logs_through_the_cli(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    recipe = ROOT / "recipes" / "dynamo.yaml"
-    cli = build_cli(["fit", "--config", str(recipe), *SMALL, "--trainer.max_steps", "2", "--model.eval.at_start", "false"])
-    assert any(isinstance(cb, DynaMOModulation) for cb in cli.trainer.callbacks)
-    m = _metrics(tmp_path / "mlflow.db")
-    assert len(m["dynamo/factor_mean"]) == 2
-    assert all(0.6 <= v <= 1.2 for v in m["dynamo/factor_mean"] + m["dynamo/stab_min"] + m["dynamo/comp_mean"])

@@ -19,13 +19,13 @@ import numpy as np
 import pytest
 
 from components.analysis.comparison import auc, crossing, mean_curve, mean_std, start_mismatches, summarize, x_at, x_at_target
-from components.analysis.cost_axes import CUM_ROLLOUTS, CUM_TOKENS, CUM_TOKENS_NZ, CUM_TRAIN_S, OPEN_FRAC, PASS_AT_1, Budget
+from components.analysis.cost_axes import AXES, CUM_ROLLOUTS, CUM_TOKENS, CUM_TOKENS_NZ, CUM_TRAIN_S, OPEN_FRAC, PASS_AT_1, Budget
 from components.analysis.curves import health_series
 from components.analysis.mlflow_io import Curve, RunResult, eval_points, load_results, search_all, step_histories
 from components.analysis.plan import BUDGET_CAP, RunSpec, fit_command, plan, regime_files, settings_of
 from components.analysis.report import to_csv, to_markdown
+from tests.runs import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 ABLATE = ROOT / "scripts" / "ablate.py"
 CAP = 1150  # ~260 generated tokens per step with 8 prompts x G=8: about 5 steps
 EXTRA = ["--data.train_size", "200", "--data.heldout_size", "32", "--data.batch_size", "8", "--trainer.val_check_interval", "2"]
@@ -504,3 +504,72 @@ def test_step_histories_count_steps_and_sum_train_seconds_when_not_logged():
     assert [v for _, _, v in h["steps"]] == [1.0, 2.0] and [v for _, _, v in h["train_s"]] == [1.5, 4.0]
     hist[CUM_TRAIN_S] = [(1, 10, 1.2), (2, 20, 3.3)]  # the module's own count wins
     assert [v for _, _, v in step_histories(client, "r")["train_s"]] == [1.2, 3.3]
+
+
+def test_script_reads_a_report_and_prints_one_row_per_claim(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("claims_script", ROOT / "scripts" / "claims.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    head = ["variant", "recipe", "n_seeds", "eval/pass_at_1:final_mean", "eval/pass_at_1:final_std", "control",
+            "control_seeds_reached", "control_final_delta"]  # fmt: skip
+    head += [f"{a}_to_control_target_ratio" for a in AXES]
+    head += [f"{a}_to_control_target_control" for a in AXES] + ["control_target", "control_start"]
+    rows = [
+        ["", "grpo_dapo", "3", "0.354", "0.005", "", "", "", "", "", "", "", "", "", "", ""],
+        [
+            "",
+            "dapo",
+            "3",
+            "0.386",
+            "0.012",
+            "grpo_dapo",
+            "3",
+            "0.032",
+            "0.72",
+            "0.35",
+            "0.73",
+            "9e4",
+            "30",
+            "40",
+            "0.354",
+            "0.31",
+        ],
+        ["", "ada_seq", "3", "0.368", "0.015", "grpo_n4", "3", "0.028", "1.59", "0.33", "", "2e4", "30", "20", "0.340", "0.31"],
+        ["", "grpo_n4", "3", "0.340", "0.011", "grpo", "1", "-0.01", "", "", "", "", "", "", "", ""],  # a control: left out
+        ["", "dro", "3", "0.245", "0.125", "grpo_verifier_reasoning", "3", "-0.021", "", "", "", "0", "0", "0", "0.266", "0.38"],
+        ["sparse", "pods", "3", "0.29", "0.01", "grpo", "3", "0.01", "0.4", "0.1", "0.2", "9e3", "30", "20", "0.28", "0.27"],
+    ]
+    report = tmp_path / "abl" / "report"
+    report.mkdir(parents=True)
+    with (report / "table.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([head, *rows])
+    assert mod.main(["abl", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    lines = [ln for ln in printed if ln.startswith("| dense")]
+    assert len(lines) == 4  # DAPO's one claim, Ada-Seq's two, DRO's one
+    # 0.1x the steps, but to a target 0.01 above the control's start: within noise, so not testable
+    (pods,) = (ln for ln in printed if ln.startswith("| sparse"))
+    assert "0.40× / 0.10× / 0.20×" in pods and pods.endswith("| not testable |")
+    dapo = next(ln for ln in lines if "`dapo`" in ln)
+    assert "0.72× / 0.35× / 0.73× (3/3)" in dapo and dapo.endswith("| reproduced |")
+    v1, v3 = (ln for ln in lines if "`ada_seq`" in ln)
+    assert "(v1)" in v1 and v1.endswith("| reproduced |")  # +0.028 > 2 SE (0.021) and > noise
+    assert "(v3)" in v3 and "never" in v3 and v3.endswith("| not reproduced |")
+    dro = next(ln for ln in lines if "`dro`" in ln)
+    assert "— (control at start)" in dro and dro.endswith("| not testable |")
+    # an equal-tokens sweep: Ada-Seq's v3 (cost) is judged, its v1 (a gain at equal steps) is not
+    tok = tmp_path / "tok" / "report"
+    tok.mkdir(parents=True)
+    with (tok / "table.csv").open("w", newline="") as f:
+        pos = ["", "ada_seq_pos", "3", "0.391", "0.008", "grpo_n4", "3", "0.024", "0.99", "0.42", "0.63", "6e4", "100", "50",
+               "0.367", "0.31", "tokens:100000"]  # fmt: skip
+        csv.writer(f).writerows([[*head, "budget"], [*rows[2], "tokens:100000"], pos])
+    assert mod.main(["tok", "--out", str(tmp_path)]) == 0
+    printed = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| dense")]
+    assert len(printed) == 2 and all("(equal drawn tokens: 100000)" in ln for ln in printed)
+    assert "(v3)" in printed[0] and "(v1)" not in "".join(printed)
+    assert "not judged here" in printed[1] and printed[1].endswith("| — |")  # Ada-pos: only a gain at equal steps
+    with pytest.raises(SystemExit, match="no report"):
+        mod.main(["missing", "--out", str(tmp_path)])

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import importlib.util
 import sqlite3
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.runs import ROOT
 
 pytestmark = [
     pytest.mark.slow,

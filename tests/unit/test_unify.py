@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from components.algos.advantages import AdvantageConfig, get_advantage, pool_mean_advantage, raft_advantage
+from components.algos.batch import build_batch
 from components.algos.losses import get_policy_loss, ppo_clip_tokens, raft_vanilla_tokens
 from components.analysis.curves import plot_signal_health
 from components.callbacks.prompt_weights import FObjectiveWeights, check_single_inverse_p, f_weight, smoothed_rate
 from components.errors import ConfigError
 from components.samplers.ada_seq import ReinforceAdaSeq, inverse_rate, selection_weights
 from components.samplers.gvm import GVMSampler, gvm_ratio
-from components.step.batch import build_batch
 from components.step.signal_health import (
     diversity,
     lone_advantage,
@@ -485,33 +485,6 @@ def test_dynamo_micro_batch_form_refuses_what_it_cannot_do():
         DynaMOModulation(where="token")
 
 
-def test_dynamo_micro_batch_form_runs_inside_the_update_with_the_real_ratio(tmp_path, monkeypatch):
-    """Through the CLI: the hook runs in every micro-batch of every mini-batch update, and after the
-    first update of a generation batch it sees ratios different from 1."""
-    from components.callbacks.token_modulation import DynaMOModulation
-    from components.cli import build_cli
-    from tests.test_recipes import ROOT, SMALL, _metrics
-
-    seen: list[float] = []
-    orig = DynaMOModulation.on_micro_batch
-
-    def spy(self, logp, old_logp, entropy, advantages, mask, module):
-        seen.append(float(((logp - old_logp).abs() * mask).max()))
-        return orig(self, logp, old_logp, entropy, advantages, mask, module)
-
-    monkeypatch.setattr(DynaMOModulation, "on_micro_batch", spy)
-    monkeypatch.chdir(tmp_path)
-    overlay = tmp_path / "authors_mod.yaml"
-    overlay.write_text(
-        "trainer:\n  callbacks:\n    - class_path: components.callbacks.token_modulation.DynaMOModulation\n"
-        "      init_args:\n        where: micro_batch\nmodel:\n  skip_zero_advantage: false\n  num_minibatches: 4\n"
-    )
-    args = ["fit", "--config", str(ROOT / "recipes" / "dynamo.yaml"), "--config", str(overlay), *SMALL]
-    build_cli([*args, "--trainer.max_steps", "1", "--model.eval.at_start", "false"])
-    assert len(seen) >= 4  # one call per forwarded micro-batch of each of the 4 updates
-    assert seen[0] == 0.0 and max(seen[1:]) > 0  # first update: ratio 1; later ones: the real ratio
-    m = _metrics(tmp_path / "mlflow.db")
-    assert all(0.6 <= v <= 1.2 for v in m["dynamo/factor_mean"])
 
 
 def test_raft_threshold_comes_from_the_advantage_config():

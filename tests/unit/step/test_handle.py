@@ -20,14 +20,14 @@ import torch
 from components.data.datamodule import PromptDataModule, default_tasks, reasoning_tasks
 from components.data.prefilter import PrefilterConfig, apply_prefilter
 from components.engines.base import SamplingParams
+from components.handle import StepHandle
 from components.policy import load_policy
 from components.rewards.r3 import R3Reward
 from components.rewards.verifier import VerifierReward
 from components.samplers.gvm import GVMSampler
-from components.step.handle import ModuleHandle, StepHandle
+from components.step.module_handle import ModuleHandle
 from tests.fakes import ModelHandle, ScriptedHandle
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.runs import ROOT
 
 
 def protocol_members() -> set[str]:
@@ -81,7 +81,7 @@ FORBIDDEN_ATTRS = {"trainer", "lightning_module", "_forward_logprobs", "_trainer
 # Components the rule covers in full; the run callbacks (lifecycle, checkpoint, budget) manage
 # the Trainer's own run, so only their signal hooks are checked.
 COMPONENT_DIRS = ("samplers", "rewards", "algos", "engines", "callbacks")
-COMPONENT_FILES = ("data/prefilter.py", "step/update.py", "step/batch.py")
+COMPONENT_FILES = ("handle.py", "data/prefilter.py", "step/update.py")
 RUN_CALLBACKS = ("callbacks/lifecycle.py", "callbacks/checkpoint.py", "callbacks/budget.py")
 SIGNAL_HOOKS = {"on_groups", "on_advantages", "on_micro_batch"}
 
@@ -120,7 +120,7 @@ def test_no_component_receives_or_reaches_the_module_or_the_trainer():
     files = _component_files()
     assert len(files) > 20  # the scan really covers the component folders
     bad = [v for f in files for v in _violations(f.read_text(), f.relative_to(ROOT / "components").as_posix())]
-    assert not bad, "components must use the step handle (components/step/handle.py):\n" + "\n".join(bad)
+    assert not bad, "components must use the step handle (components/handle.py):\n" + "\n".join(bad)
 
 
 def test_the_scan_catches_a_component_that_reaches_the_module():
