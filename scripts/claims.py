@@ -20,7 +20,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from components.analysis.claims import AXES, CLAIMS, CONTROLS, resolved_gap, verdict  # noqa: E402
+from components.analysis.claims import AXES, CLAIMS, CONTROLS, PARITY_MARGIN, Evidence, verdict  # noqa: E402
+from components.analysis.stats import Interval  # noqa: E402
 
 FINAL = "eval/pass_at_1:final"
 AXIS_NAMES = {"tokens": "drawn tokens", "steps": "steps", "train_s": "train s"}
@@ -30,9 +31,14 @@ def _f(x: str) -> float:
     return float(x) if x not in ("", None) else math.nan
 
 
-def _ratio(row: dict[str, str], axis: str) -> float | None:
+def _ratio(row: dict[str, str], axis: str) -> Interval:
+    """The cost ratio on ``axis`` with its bootstrap interval (infinite bounds where the report has none;
+    a method that never reached the control's final: an infinite ratio)."""
     v = _f(row.get(f"{axis}_to_control_target_ratio", ""))
-    return None if math.isnan(v) else v
+    low, high = _f(row.get(f"{axis}_to_control_target_ratio_low", "")), _f(row.get(f"{axis}_to_control_target_ratio_high", ""))
+    if math.isnan(v):
+        v = math.nan if _control_cost(row, axis) == 0 else math.inf
+    return Interval(v, -math.inf if math.isnan(low) else low, math.inf if math.isnan(high) else high)
 
 
 def _control_cost(row: dict[str, str], axis: str) -> float:
@@ -40,17 +46,22 @@ def _control_cost(row: dict[str, str], axis: str) -> float:
     return _f(row.get(f"{axis}_to_control_target_control", ""))
 
 
-def _control_gain(row: dict[str, str]) -> float | None:
-    """The control's final mean pass@1 over its step-0 mean (None: a report without ``control_start``)."""
+def _control_start(row: dict[str, str]) -> tuple[float, float] | None:
+    """The control's step-0 pass@1, mean and std over seeds (None: a report without ``control_start``;
+    a report without its std gives the gain no interval, and a cost claim is then judged as is)."""
     start = _f(row.get("control_start", ""))
-    return None if math.isnan(start) else _f(row["control_target"]) - start
+    return None if math.isnan(start) else (start, _f(row.get("control_start_std", "")))
 
 
 def _cell_ratio(row: dict[str, str], axis: str) -> str:
     if _control_cost(row, axis) == 0:
         return "— (control at start)"
     r = _ratio(row, axis)
-    return "never" if r is None else f"{r:.2f}×"
+    if math.isinf(r.estimate):
+        return "never"
+    if math.isinf(r.low) and math.isinf(r.high):
+        return f"{r.estimate:.2f}×"
+    return f"{r.estimate:.2f}× [{r.low:.2f}, {r.high:.2f}]"
 
 
 def rows_of(table: Path) -> list[str]:
@@ -65,11 +76,15 @@ def rows_of(table: Path) -> list[str]:
         c = by_key.get((r["variant"], control))
         n_m, n_c = int(r["n_seeds"]), int(c["n_seeds"]) if c else 0
         m_mean, m_std = _f(r[f"{FINAL}_mean"]), _f(r[f"{FINAL}_std"])
-        c_mean = _f(c[f"{FINAL}_mean"]) if c else math.nan
+        c_mean = _f(c[f"{FINAL}_mean"]) if c else _f(r.get("control_target", ""))  # the same number, in the row
         c_std = _f(c[f"{FINAL}_std"]) if c else math.nan
-        delta = _f(r["control_final_delta"])
         reached = int(float(r["control_seeds_reached"] or 0))
-        gap = resolved_gap(delta, m_std, n_m, c_std, n_c)
+        ev = Evidence.of(
+            method=(m_mean, m_std, n_m),
+            control=(c_mean, c_std, n_c),
+            ratio={a: _ratio(r, a) for a in AXES},
+            control_start=_control_start(r),
+        )
         costs = " / ".join(_cell_ratio(r, a) for a in AXES)
         regime = r["variant"] or "dense"
         budget_kind = (r.get("budget") or "").split(":")[0] or None
@@ -82,15 +97,14 @@ def rows_of(table: Path) -> list[str]:
             claims_cells = []
             for cl in (c for c in claims if c.judged_at(budget_kind)):
                 axis = AXIS_NAMES[cl.axis] if cl.kind == "cost" else "final pass@1"
-                v = verdict(cl, ratio=_ratio(r, cl.axis), seeds_reached=reached, n_seeds=n_m, delta=delta,
-                            std_m=m_std, std_c=c_std, n_c=n_c, control_gain=_control_gain(r))  # fmt: skip
+                v = verdict(cl, ev)
                 claims_cells.append((f"{cl.method}: {cl.text} ({axis})", v or "see text"))
             if not claims_cells:  # its claims compare finals at another budget: the numbers, no verdict
                 claims_cells = [(f"{claims[0].method}: claimed at equal {AXIS_NAMES[claims[0].at]}, not judged here", "")]
         for text, v in claims_cells:
             out.append(
                 f"| {regime} | `{r['recipe']}` | {text} | `{control}` | {n_m}/{n_c} | "
-                f"{m_mean:.3f} ± {m_std:.3f} vs {c_mean:.3f} ± {c_std:.3f} | {delta:+.3f} (±{gap:.3f}) | "
+                f"{m_mean:.3f} ± {m_std:.3f} vs {c_mean:.3f} ± {c_std:.3f} | {ev.final} | "
                 f"{costs} ({reached}/{n_m}) | {v or '—'} |"
             )
     return out
@@ -98,7 +112,8 @@ def rows_of(table: Path) -> list[str]:
 
 HEADER = (
     "| regime | recipe | paper's claim (axis) | matched control | seeds (method/control) | final pass@1: method vs control "
-    "| Δ final (resolved beyond) | × control to reach its final: drawn tokens / steps / train s (seeds reached) | verdict |\n"
+    "| Δ final [95% CI, Welch], p | × control to reach its final [95% bootstrap]: drawn tokens / steps / train s "
+    "(seeds reached) | verdict |\n"
     "|---|---|---|---|---|---|---|---|---|"
 )
 
@@ -115,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"claims: no report {table}: run `python scripts/ablate.py --report-only --ablation-id {aid}`")
         lines += rows_of(table)
     print("\n".join(lines))
+    print(
+        f"\nIntervals over seeds (components/analysis/stats.py). Parity: equivalent within ±{PARITY_MARGIN:.2f} "
+        "(90% interval inside the margin); the verdict rule is components/analysis/claims.py's docstring."
+    )
     return 0
 
 

@@ -15,20 +15,26 @@ A claim is one of three kinds:
 * ``note``: the paper's claim is not against this control (DRO-Aggr is compared with DRO-R3); the
   table quotes it and gives the numbers, with no verdict.
 
-The verdict rule (ours, stated so a reader can re-apply it):
+The verdict rule (ours, stated so a reader can re-apply it), with small-sample statistics
+(:mod:`components.analysis.stats`): every interval is over seeds, at 95% unless said otherwise.
 
-* A gap in final pass@1 is *resolved* when it exceeds both the held-out evaluation noise
-  (``noise``, ±0.02 on the embedded benchmark, README "Measured") and twice its standard error over
-  seeds, ``2·sqrt(s_m²/n_m + s_c²/n_c)``.
-* ``cost``: **reproduced** when the mean-over-seeds curve reaches the control's final at ≤ ``factor``
-  × the control's cost and every seed's own curve reaches it; **direction only** when it gets there
-  cheaper than the control (ratio < 1) but not by the claimed factor or not on every seed; **not
-  reproduced** otherwise (including never reaching it within the budget); **not testable** when the
-  control's own gain (its final over its step-0 pass@1) is under the noise: the target then sits
-  within noise of where every run starts, and "the cost to reach it" measures the noise.
-* ``gain``: **reproduced** when the gain is resolved and ≥ ``delta``; **direction only** when it is
-  positive but not resolved; **not reproduced** when it is ≤ 0.
-* ``parity``: **reproduced** unless the method is worse by a resolved gap.
+* ``gain``: the difference in final pass@1 (method - control) gets Welch's t interval with its
+  degrees of freedom. **reproduced** when the interval excludes 0 and the estimate reaches the
+  paper's ``delta``; **direction only** when the estimate is positive but the interval includes 0
+  or the estimate falls short of ``delta``; **not reproduced** when the estimate is <= 0.
+* ``parity``: an equivalence test (two one-sided tests) at the stated margin
+  (:data:`PARITY_MARGIN`, 3 points): **reproduced** when the 90% interval lies inside
+  ``±margin``; **not reproduced** when the 95% interval lies entirely below ``-margin``;
+  **inconclusive** otherwise (a noisy method can no longer pass by being noisy).
+* ``cost``: the ratio of the method's cost to the control's, to reach the control's final mean
+  pass@1 on ``axis``, gets a bootstrap interval over seeds (each resample recomputes the target and
+  both mean curves; a resampled method that never gets there costs infinity).
+  **reproduced** when the interval lies below 1 and the estimate reaches the claimed ``factor``;
+  **direction only** when the estimate is below 1 but not both; **not reproduced** otherwise
+  (including never reaching it); **not testable** when the control's own gain (its final over its
+  step-0 pass@1, Welch) is not resolved: the target then sits within noise of where every run
+  starts, and "the cost to reach it" measures the noise. A report without the interval (written
+  before it was added) can give at most **direction only**.
 
 Methods of ours (no paper claim: the f-objective weight, the composed recipe) get ``None`` and the
 table reports their numbers without a verdict.
@@ -39,7 +45,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-NOISE = 0.02  # held-out pass@1 evaluation noise on the embedded benchmark (README "Measured")
+from components.analysis.stats import Interval, equivalence, welch
+
+PARITY_MARGIN = 0.03  # parity claims: equivalent within ±3 points of final pass@1 (TOST at alpha 0.05)
 AXES = ("tokens", "steps", "train_s")
 
 
@@ -111,39 +119,49 @@ CLAIMS: dict[str, tuple[Claim, ...] | None] = {
 CONTROLS = frozenset({"grpo", "grpo_dapo", "grpo_n4", "grpo_g4", "grpo_verifier_reasoning"})
 
 
-def resolved_gap(delta: float, std_m: float, n_m: int, std_c: float, n_c: int, noise: float = NOISE) -> float:
-    """The smallest |Δ final| that counts as a real difference: max(noise, 2 standard errors)."""
-    var = sum((s * s) / n for s, n in ((std_m, n_m), (std_c, n_c)) if n > 0 and not math.isnan(s))
-    return max(noise, 2.0 * math.sqrt(var))
+@dataclass(frozen=True)
+class Evidence:
+    """What one comparison of a method with its control gives a verdict to read."""
+
+    final: Interval  # method final - control final, 95% (Welch)
+    final_90: Interval  # the same at 90% (the equivalence test)
+    ratio: dict[str, Interval]  # axis -> cost-ratio estimate with its 95% bootstrap interval
+    control_gain: Interval | None = None  # control final - control start, 95% (None: unknown)
+
+    @classmethod
+    def of(
+        cls,
+        *,
+        method: tuple[float, float, int],
+        control: tuple[float, float, int],
+        ratio: dict[str, Interval] | None = None,
+        control_start: tuple[float, float] | None = None,
+    ) -> Evidence:
+        """From (mean, sample std, n) of each arm's final pass@1, the cost ratios, and the control's
+        step-0 (mean, std) over the same seeds."""
+        (mm, ms, mn), (cm, cs, cn) = method, control
+        gain = None if control_start is None else welch(cm, cs, cn, control_start[0], control_start[1], cn)
+        return cls(welch(mm, ms, mn, cm, cs, cn), welch(mm, ms, mn, cm, cs, cn, level=0.90), dict(ratio or {}), gain)
 
 
-def verdict(
-    claim: Claim,
-    *,
-    ratio: float | None,
-    seeds_reached: int,
-    n_seeds: int,
-    delta: float,
-    std_m: float,
-    std_c: float,
-    n_c: int,
-    noise: float = NOISE,
-    control_gain: float | None = None,
-) -> str:
-    """``reproduced`` | ``direction only`` | ``not reproduced`` | ``not testable`` by the module's
-    rule (``""`` for a note). ``control_gain``: the control's final mean pass@1 minus its step-0
-    mean (None: unknown, the cost claim is judged as is)."""
+def verdict(claim: Claim, ev: Evidence, margin: float = PARITY_MARGIN) -> str:
+    """``reproduced`` | ``direction only`` | ``not reproduced`` | ``inconclusive`` | ``not testable``
+    by the module's rule (``""`` for a note)."""
     if claim.kind == "note":
         return ""
-    gap = resolved_gap(delta, std_m, n_seeds, std_c, n_c, noise)
     if claim.kind == "cost":
-        if control_gain is not None and not math.isnan(control_gain) and control_gain < noise:
+        gain = ev.control_gain
+        if gain is not None and not math.isnan(gain.estimate) and not gain.low > 0:
             return "not testable"
-        if ratio is None or math.isnan(ratio) or ratio >= 1.0:
+        r = ev.ratio.get(claim.axis)
+        if r is None or math.isnan(r.estimate) or r.estimate >= 1.0:
             return "not reproduced"
-        return "reproduced" if ratio <= claim.factor and seeds_reached == n_seeds else "direction only"
+        return "reproduced" if r.high < 1.0 and r.estimate <= claim.factor else "direction only"
+    d = ev.final
     if claim.kind == "gain":
-        if delta <= 0:
+        if math.isnan(d.estimate) or d.estimate <= 0:
             return "not reproduced"
-        return "reproduced" if delta >= max(claim.delta, gap) else "direction only"
-    return "not reproduced" if delta < -gap else "reproduced"
+        return "reproduced" if d.low > 0 and d.estimate >= claim.delta else "direction only"
+    if equivalence(ev.final_90, margin):
+        return "reproduced"
+    return "not reproduced" if d.high < -margin else "inconclusive"

@@ -16,6 +16,7 @@ import numpy as np
 
 from components.analysis.cost_axes import AXES, PASS_AT_1, Budget
 from components.analysis.mlflow_io import Curve, RunResult
+from components.analysis.stats import percentile_interval
 
 TOL = 1e-9  # a curve "reaches" a target it equals up to float noise
 
@@ -139,6 +140,8 @@ class ControlComparison:
     final_delta: float  # this recipe's final mean - the control's
     auc_delta: float  # AUC (on the budget's axis) mean - the control's
     start: float = math.nan  # the control's mean pass@1 at its first evaluation (step 0)
+    start_std: float = math.nan  # its sample std over the control's seeds
+    ratio_interval: dict[str, tuple[float, float]] = field(default_factory=dict)  # axis -> 95% bootstrap (low, high)
 
     def ratio(self, axis: str) -> float | None:
         """Cost to the target over the control's (< 1: the recipe gets there cheaper)."""
@@ -207,6 +210,27 @@ def cost_to_target(curves: Sequence[Curve], target: float, axis: str, grid: np.n
     return x_at(grid, crossing(mean_curve(curves, axis, grid)["mean"], target))
 
 
+def ratio_bootstrap(
+    cur: Sequence[Curve], ctl: Sequence[Curve], axis: str, grid: np.ndarray, resamples: int = 1000, seed: int = 0
+) -> tuple[float, float]:
+    """95% percentile interval of the cost ratio to the control's final, resampling each arm's seeds.
+
+    Each resample recomputes the estimator itself: the control's mean final (the target), then each
+    arm's mean-over-seeds curve and where it first reaches that target. A resampled method that never
+    reaches it costs infinity; a resampled control already at its target at the start (cost 0) leaves
+    that draw undefined (dropped)."""
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(resamples):
+        m = [cur[i] for i in rng.integers(len(cur), size=len(cur))]
+        c = [ctl[i] for i in rng.integers(len(ctl), size=len(ctl))]
+        target = float(np.mean([x.values[-1] for x in c]))
+        num, den = cost_to_target(m, target, axis, grid), cost_to_target(c, target, axis, grid)
+        draws.append(math.nan if not den else (math.inf if num is None else num / den))
+    iv = percentile_interval(math.nan, draws)
+    return (iv.low, iv.high)
+
+
 def compare_to_control(
     runs: Sequence[RunResult], control_runs: Sequence[RunResult], control: str, budget: Budget, grids: dict[str, np.ndarray]
 ) -> ControlComparison:
@@ -230,6 +254,8 @@ def compare_to_control(
         final_delta=float(np.mean([c.values[-1] for c in cur]) - target),
         auc_delta=float(mine_auc - ctl_auc),
         start=float(np.mean([c.values[0] for c in ctl])),
+        start_std=mean_std([float(c.values[0]) for c in ctl])[1],
+        ratio_interval={a: ratio_bootstrap(cur, ctl, a, grids[a]) for a in axes},
     )
 
 

@@ -146,8 +146,8 @@ def to_csv(rows: Sequence[Row], budget: Budget | None = None) -> str:
     head += [f"{b.metric}:{c}" for b in (rows[0].blocks if rows else []) for c in per_block]
     head += [f"{c}_{s}" for c in per_row for s in ("mean", "std")] + ["tokens_mean", "rollouts_mean", "steps_mean"]
     head += ["control", "control_target", "control_seeds_reached", "control_final_delta", "control_auc_delta"]
-    head += [f"{a}_to_control_target{suf}" for a in AXES for suf in ("", "_control", "_ratio")]
-    head += ["control_start"] + (["budget"] if budget is not None else [])
+    head += [f"{a}_to_control_target{suf}" for a in AXES for suf in ("", "_control", "_ratio", "_ratio_low", "_ratio_high")]
+    head += ["control_start", "control_start_std"] + (["budget"] if budget is not None else [])
     out = io.StringIO()
     w = csv.writer(out)
     w.writerow(head)
@@ -159,11 +159,13 @@ def to_csv(rows: Sequence[Row], budget: Budget | None = None) -> str:
         cells += [num(v) for c in per_row for v in getattr(r, c)] + [num(r.tokens), num(r.rollouts), num(r.steps)]
         c = r.control
         if c is None:
-            cells += [""] * (6 + 3 * len(AXES))
+            cells += [""] * (7 + 5 * len(AXES))
         else:
             cells += [c.control, num(c.target), c.seeds_reached, num(c.final_delta), num(c.auc_delta)]
-            cells += [num(v) for a in AXES for v in (c.cost.get(a), c.control_cost.get(a), c.ratio(a))]
-            cells += [num(c.start)]
+            for a in AXES:
+                low, high = c.ratio_interval.get(a, (None, None))
+                cells += [num(v) for v in (c.cost.get(a), c.control_cost.get(a), c.ratio(a), low, high)]
+            cells += [num(c.start), num(c.start_std)]
         if budget is not None:
             cells.append(f"{budget.kind}:{budget.value}")
         w.writerow(cells)
