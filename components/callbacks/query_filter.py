@@ -10,7 +10,8 @@ Both read the cross-rollout spread of the reference-token log-probs, s_j (see
   ``rho`` share of the reference tokens' ranks, and a query stays only if some trace has
   s_i < ``top_k`` (0 = the model's top-1 token);
   (2) of the survivors, drop the bottom ``drop_frac`` by max_j s_j;
-  then carry forward ``carry_frac`` (the paper: 10%) of the previous round's set. The kept set is
+  then carry forward ``carry_frac`` (the paper: 10%) of the previous round's set (of its queries
+  scored this round, when ``max_queries`` scores only a subset). The kept set is
   applied by zeroing the draw weights of the dropped prompts in the DataModule's pool.
   ``every_n_steps: 0`` runs only the first round: a one-time pre-filter of the data.
   The paper gives neither rho, k, the fraction nor the interval; ours are the defaults below.
@@ -103,7 +104,8 @@ class PeriodicQueryFilter(SignalCallback):
         rho: share of each trace's reference tokens, the worst-ranked, whose ranks are averaged.
         top_k: a query stays in stage 1 if some trace's averaged worst rank is below this.
         drop_frac: share of stage-1 survivors dropped by the smallest max_j s_j.
-        carry_frac: share of the previous round's set carried forward (the paper: 0.1).
+        carry_frac: share of the previous round's set carried forward (the paper: 0.1), taken over
+            the queries this round scored.
         max_queries: score at most this many queries per round (a random subset; the others keep
             their status); None scores the whole pool as the paper does.
         chunk: prompts per generation call.
@@ -192,8 +194,12 @@ class PeriodicQueryFilter(SignalCallback):
         res = self.select(cand, handle)
         scored = {p.uid for p in cand}
         new = set(res["kept"]) | {u for u in prev if u not in scored}  # unscored queries keep their status
+        # The paper carries forward a share of the previous set; with ``max_queries`` only part of it
+        # was scored this round, and a share of the whole set would take back what the round dropped
+        # (at recipes/dro.yaml's defaults: 95 dropped of 256 scored, 93 carried back). The share is
+        # of the previous set's queries scored now (all of it without max_queries: the paper's rule).
         carry_pool = sorted(prev - new)
-        n_carry = min(len(carry_pool), int(round(self.carry_frac * len(prev))))
+        n_carry = min(len(carry_pool), int(round(self.carry_frac * len(prev & scored))))
         carried = set(self.rng.sample(carry_pool, n_carry))
         new |= carried
         if not new:  # never leave the stream empty: keep the previous set

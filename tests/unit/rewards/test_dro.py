@@ -361,3 +361,31 @@ def test_propagation_option_in_the_reward_lowers_scores():
 
 
 # ---- end to end through the CLI -----------------------------------------------------------------
+
+
+def test_the_first_round_at_the_recipes_defaults_removes_what_it_drops():
+    # recipes/dro.yaml scores max_queries of a larger pool per round; the carry-forward is a share of
+    # what the round scored, so it cannot take back what the round just dropped.
+    from tests.runs import ROOT, resolved
+
+    cfg = resolved(ROOT / "recipes" / "dro.yaml")
+    (args,) = [cb["init_args"] for cb in cfg["trainer"]["callbacks"] if cb["class_path"].endswith("PeriodicQueryFilter")]
+    pool_size = cfg["data"]["train_size"]
+    assert pool_size > args["max_queries"]  # the case: a round scores part of the pool
+    f = PeriodicQueryFilter(**args)
+    prompts = [_prompt(f"q{i}") for i in range(pool_size)]
+    pool = PromptPool(prompts, [1.0] * pool_size)
+    dropped: set[str] = set()
+
+    def select(cand, handle):  # as measured at these defaults: 95 of the 256 scored dropped (26 + 69)
+        dropped.update(p.uid for p in cand[:95])
+        return {"kept": [p.uid for p in cand[95:]], "stage1_dropped": 26, "stage2_dropped": 69,
+                "tokens_generated": 0, "tokens_forwarded": 0}  # fmt: skip
+
+    f.select = select
+    f.run_round(SimpleNamespace(step=0), pool)
+    carried = dropped & f.kept
+    assert len(dropped) == 95 and len(carried) == round(args["carry_frac"] * args["max_queries"])
+    assert len(dropped) - len(carried) >= len(dropped) / 2  # the round's net removal
+    assert len(f.kept) == pool_size - len(dropped) + len(carried)
+    assert int((pool.weights == 0).sum()) == len(dropped) - len(carried)
