@@ -152,7 +152,7 @@ class ModelHandle:
         self._reward, self._pool = reward, list(pool or [])
         self._engine = HFEngine()
         self._engine.bind(policy, tokenizer)
-        self.metrics: dict[str, float] = {}
+        self._metrics: dict[str, float] = {}  # what add_metrics / log received (tests read it)
 
     def context_of(self, prompt: Prompt | str) -> list[int]:
         return encode_prompt(self.tokenizer, prompt if isinstance(prompt, str) else prompt.text)
@@ -192,7 +192,7 @@ class ModelHandle:
 
     def add_metrics(self, amounts: dict[str, float]) -> None:
         for k, v in amounts.items():
-            self.metrics[k] = self.metrics.get(k, 0.0) + v
+            self._metrics[k] = self._metrics.get(k, 0.0) + v
 
     def log(self, name: str, value: float) -> None:
-        self.metrics[name] = float(value)
+        self._metrics[name] = float(value)

@@ -179,7 +179,9 @@ class DynaMOModulation(SignalCallback):
             return
         if not hasattr(SignalCallback, "on_micro_batch"):
             raise ConfigError("DynaMOModulation.where", "micro_batch needs the update's on_micro_batch hook, absent here")
-        if getattr(pl_module, "skip_zero_advantage", False):
+        # The flag lives on the module's updater (model.skip_zero_advantage); reading it off the
+        # module itself found nothing, so this guard never fired before.
+        if getattr(getattr(pl_module, "updater", None), "skip_zero_advantage", False):
             raise ConfigError(
                 "model.skip_zero_advantage",
                 "must be false with DynaMOModulation where: micro_batch (its statistics cover every row)",

@@ -113,3 +113,15 @@ def test_callback_on_a_real_batch_is_independent_of_micro_batches_and_zero_rows(
     assert torch.allclose(full.advantages[:n], only.advantages, atol=1e-6)
 
 
+
+
+def test_the_micro_batch_form_refuses_skipped_rows_on_a_real_module():
+    # where: micro_batch takes its statistics over every row, so rows must not be skipped; the guard
+    # reads the real module's setting (model.skip_zero_advantage, default true).
+    from types import SimpleNamespace
+
+    cb = DynaMOModulation(where="micro_batch")
+    with pytest.raises(ConfigError, match="model.skip_zero_advantage"):
+        cb.setup(SimpleNamespace(), PolicyModule(export_dir=None), "fit")
+    cb.setup(SimpleNamespace(), PolicyModule(export_dir=None, skip_zero_advantage=False), "fit")
+    DynaMOModulation(where="batch").setup(SimpleNamespace(), PolicyModule(export_dir=None), "fit")  # batch form: fine

@@ -70,6 +70,9 @@ def test_the_test_fakes_implement_every_member(tiny):
     for fake in (ScriptedHandle(), ModelHandle(policy, tok)):
         missing = {n for n in protocol_members() if not hasattr(fake, n)}
         assert not missing, f"{type(fake).__name__} lacks {sorted(missing)}"
+    # the fake that GVM, R3 and the pre-filter are tested on has those members and no others
+    model_handle = ModelHandle(policy, tok)
+    assert {n for n in dir(model_handle) if not n.startswith("_")} == protocol_members()
 
 
 # ---- a static check: no component receives or reaches the module or the trainer ----------------------
@@ -148,7 +151,7 @@ def test_gvm_computes_its_gradient_norms_through_a_fake_handle(tiny):
     groups = sampler.collect(dm.train_pool.prompts[:6], handle)
     assert groups and sampler.grads, "some prompt had an accepted rollout, so G was computed"
     assert all(g > 0 and math.isfinite(g) for g, _ in sampler.grads.values())
-    assert handle.metrics["budget/tokens_forwarded"] > 0  # the gradient passes went through the handle
+    assert handle._metrics["budget/tokens_forwarded"] > 0  # the gradient passes went through the handle
     assert all(p.grad is None for p in policy.parameters())  # the optimizer's gradients are untouched
 
 
@@ -164,7 +167,7 @@ def test_r3_scores_through_a_fake_handle():
     rewards = [r.reward for rs in outs for r in rs]
     assert all(math.isfinite(x) and x <= 0 for x in rewards)  # a weighted mean of log-probs
     assert len(set(rewards)) > 1
-    assert handle.metrics["dro/tokens_forwarded"] > 0 and math.isfinite(handle.metrics["dro/r3_mean"])
+    assert handle._metrics["dro/tokens_forwarded"] > 0 and math.isfinite(handle._metrics["dro/r3_mean"])
 
 
 def test_the_prefilter_filters_with_the_policy_behind_a_fake_handle(tiny, tmp_path):
