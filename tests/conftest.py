@@ -1,14 +1,16 @@
 import os
-import sys
 
 import pytest
 import torch
 
-from tests.engines import STANDIN
+from tests.engines import standin_vllm
 
 # One thread: two threads next to another process made small models 10-60x slower.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
+# No hub look-ups: every model the tests use is local (vLLM resolving a local folder's architecture
+# would otherwise spend ~18 s on hub time-outs without network).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -20,14 +22,8 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
-def standin(monkeypatch):
-    """`import vllm` finds tests/vllm_standin; the environment the engine sets is restored after."""
-    monkeypatch.syspath_prepend(str(STANDIN))
-    for name in [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")]:
-        monkeypatch.delitem(sys.modules, name)
-    for var in ("VLLM_ENABLE_V1_MULTIPROCESSING", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(var, raising=False)
-    import vllm
-
-    assert vllm.__version__.endswith("+standin")
-    return vllm
+def standin():
+    """`import vllm` finds tests/vllm_standin (sleep mode only: real vLLM refuses it on CPU); its
+    modules leave sys.modules afterwards, so a real vLLM imported later is not shadowed."""
+    with standin_vllm() as vllm:
+        yield vllm

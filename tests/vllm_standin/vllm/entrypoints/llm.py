@@ -12,6 +12,7 @@ import os
 import pickle
 from collections.abc import Callable, Sequence
 from functools import partial
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -37,6 +38,9 @@ _ENGINE_ARGS = {
     "max_num_seqs",
     "max_num_batched_tokens",
     "enable_sleep_mode",
+    "enforce_eager",
+    "kv_cache_memory_bytes",
+    "block_size",
 }
 
 
@@ -48,6 +52,9 @@ class _Model:
 
     def named_parameters(self):
         return self.hf.named_parameters()
+
+    def named_modules(self, *args, **kwargs):
+        return self.hf.named_modules(*args, **kwargs)
 
     def load_weights(self, weights) -> set[str]:
         if "weights" in self.worker.sleeping:
@@ -66,6 +73,10 @@ class _Model:
 class _ModelRunner:
     def __init__(self, model: _Model) -> None:
         self.model = model
+        self.vllm_config = SimpleNamespace(model_config=None)
+
+    def get_model(self) -> _Model:
+        return self.model
 
 
 class Worker:
