@@ -295,7 +295,14 @@ class VLLMEngine(RolloutEngine):
     def _build(self, device: torch.device, rank: int, world_size: int) -> None:
         # The policy's config and tokenizer only; the weights come from the first sync.
         self._folder = tempfile.TemporaryDirectory(prefix="curate-rl-vllm-")
-        self.model.config.save_pretrained(self._folder.name)
+        config = copy.deepcopy(self.model.config)
+        if getattr(config, "quantization_config", None) is not None and all(
+            p.is_floating_point() for p in self.model.parameters()
+        ):
+            # e.g. a GGUF file dequantised on load: the policy (and every sync) is float, so vLLM must
+            # not build quantized layers for it
+            del config.quantization_config
+        config.save_pretrained(self._folder.name)
         self.tokenizer.save_pretrained(self._folder.name)
         kwargs = {}
         if self.max_num_seqs is not None:
