@@ -50,7 +50,7 @@ def test_recipe_fit_on_cuda(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM not installed")
 def test_vllm_engine_generates_sleeps_and_syncs():
-    """The real vLLM (never run for this project so far): sleep mode with two generates per step,
+    """The real vLLM on a GPU (it has run on CPU only, tests/unit/engines/test_vllm.py; never on a GPU): sleep mode with two generates per step,
     a sync after a weight change, and sampling log-probs equal to the policy's teacher-forced ones."""
     from components.engines.vllm import VLLMEngine
 
