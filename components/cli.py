@@ -16,24 +16,25 @@ stopped by SIGTERM / SIGINT (checkpoint written, the MLflow run is KILLED).
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import hashlib
 import sys
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from jsonargparse import ArgumentError
-from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from components.callbacks.checkpoint import AtomicCheckpointIO, RunCheckpoint
-from components.callbacks.lifecycle import RunGuard, identity_difference, run_identity
+from components.callbacks.lifecycle import RunGuard
 from components.data.datamodule import PromptDataModule
 from components.errors import ConfigError, RunAborted, StopRequested
+from components.preflight import check_trainer, load_checkpoint, preflight, print_summary
+from components.quiet import silence_known_messages
 from components.step.module import PolicyModule
+from components.step.progress import StepBar
+from components.store import owner_tags, prepare_store, store_lock
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     "logger": {
@@ -88,7 +89,7 @@ class CurateCLI(LightningCLI):
         # disabled the bar or chose another one.
         given = [*callbacks, *(config.get("callbacks") or [])]
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in given):
-            callbacks = [*callbacks, RichProgressBar()]
+            callbacks = [*callbacks, StepBar()]
         if not config.get("plugins"):  # checkpoints written to a temporary file and renamed
             config = {**config, "plugins": [AtomicCheckpointIO()]}
         return super()._instantiate_trainer(config, callbacks)
@@ -101,18 +102,61 @@ class CurateCLI(LightningCLI):
         args = getattr(logger, "init_args", None)
         uri = getattr(args, "tracking_uri", None) if args is not None else None
         if isinstance(uri, str) and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-            args.tracking_uri = "sqlite:///" + str(Path(uri[len("sqlite:///") :]).resolve())
+            args.tracking_uri = uri = "sqlite:///" + str(Path(uri[len("sqlite:///") :]).resolve())
+        check_trainer(cfg.get("trainer", {}))
+        # The store is checked, created and migrated here, under its lock, before MLFlowLogger's
+        # constructor opens it: a bad store is one line, and runs started at once never race.
+        if self.subcommand == "fit" and args is not None:
+            prepare_store(uri, getattr(args, "experiment_name", None) or "lightning_logs")
+            self._continue_run(args, uri)
+
+    def _continue_run(self, args: Any, uri: Any) -> None:
+        """A resume logs into the MLflow run its checkpoint came from when that run is in this
+        store; otherwise the new run is tagged with it (``curate_rl.parent_run``)."""
+        self._continued = None
+        resume = getattr(self, "_resume_of", None)
+        if not resume or not resume.get("run_id") or getattr(args, "run_id", None) is not None:
+            return
+        if resume.get("tracking_uri") == uri:
+            from mlflow.tracking import MlflowClient
+
+            try:
+                run = MlflowClient(uri).get_run(resume["run_id"])
+            except Exception:  # deleted from the store since: start a new run
+                run = None
+            if run is not None and run.info.lifecycle_stage == "active":
+                args.run_id = self._continued = resume["run_id"]
+                return
+        args.tags = {**(getattr(args, "tags", None) or {}), "curate_rl.parent_run": resume["run_id"]}
 
     def before_fit(self) -> None:
         cfg = self.config.get(self.subcommand, self.config)
         preflight(self.trainer, self.model, self.datamodule, cfg.get("ckpt_path"))
         logger = self.trainer.logger
-        if logger is None or not hasattr(logger, "run_id") or not self.trainer.is_global_zero:
+        # hasattr on the class: on the instance it would create the run, outside the lock
+        if logger is None or not hasattr(type(logger), "run_id") or not self.trainer.is_global_zero:
             return
-        with _store_lock(getattr(logger, "_tracking_uri", None)):  # two fresh runs must not race on the schema
+        if getattr(logger, "_run_id", None) is None:  # a new run records its owner (see components/store.py)
+            logger.tags = {**(logger.tags or {}), **owner_tags()}
+        with store_lock(getattr(logger, "_tracking_uri", None)):  # two fresh runs must not race on the experiment
             _ = logger.experiment, logger.run_id
         global _RUN_CREATED
         _RUN_CREATED = True
+        resume = getattr(self, "_resume_of", None)
+        if getattr(self, "_continued", None) == logger.run_id:  # the run goes on in this process
+            client = logger.experiment
+            for k, v in owner_tags().items():
+                client.set_tag(logger.run_id, k, v)
+            client.set_tag(logger.run_id, "curate_rl.resumed_from", f"{resume['path']} (step {resume['step']})")
+            client.update_run(logger.run_id, status="RUNNING")
+            print(f"curate-rl: resuming MLflow run {logger.run_id} at step {resume['step']}", file=sys.stderr)
+            return  # its config and params were logged when it started
+        if resume and resume.get("run_id"):
+            print(
+                f"curate-rl: the checkpoint's MLflow run {resume['run_id']} is not in this store; "
+                f"logging to a new run {logger.run_id} (tag curate_rl.parent_run)",
+                file=sys.stderr,
+            )
         text = self.parser.dump(cfg, skip_none=False) if self.subcommand is None else self._subparser().dump(cfg, skip_none=False)
         client, run_id = logger.experiment, logger.run_id
         with tempfile.TemporaryDirectory() as tmp:
@@ -133,156 +177,26 @@ class CurateCLI(LightningCLI):
             if not getattr(logger, "_run_name", None):  # keep a run name the user gave
                 client.set_tag(run_id, "mlflow.runName", "+".join(recipes))
 
+    def after_fit(self) -> None:
+        if self.trainer.is_global_zero and self.trainer.state.finished:
+            print_summary(self.trainer, self.model)
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning reads the checkpoint's hyperparameters here with a bare torch.load: a text file
+        # or a truncated .ckpt would be a torch traceback. Check it first (one line, exit 2).
+        sub = self.config.get("subcommand")
+        ckpt_path = self.config[sub].get("ckpt_path") if sub else None
+        self._resume_of: dict | None = None
+        if ckpt_path and ckpt_path not in ("last", "hpc", "registry", "best"):
+            saved = load_checkpoint(str(ckpt_path))
+            self._resume_of = {**(saved.get("curate_rl_run") or {}), "step": saved.get("global_step"), "path": str(ckpt_path)}
+        super()._parse_ckpt_path()
+
     def _subparser(self):  # the parser of the running subcommand
         return self.parser._subcommands_action._name_parser_map[self.subcommand]
 
 
 _RUN_CREATED = False  # an MLflow run exists: a later error must not remove the store
-
-
-@contextlib.contextmanager
-def _store_lock(uri: str | None) -> Iterator[None]:
-    """An exclusive lock per sqlite store while its schema, experiment and run are created.
-
-    The lock file lives in the temporary folder (keyed by the store's path), so nothing is left in
-    the working directory."""
-    if not (isinstance(uri, str) and uri.startswith("sqlite:///")):
-        yield
-        return
-    import fcntl
-
-    key = hashlib.sha1(uri.encode()).hexdigest()[:16]
-    with open(Path(tempfile.gettempdir()) / f"curate-rl-mlflow-{key}.lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _writable(path: str | Path, field: str) -> None:
-    """The nearest existing folder of ``path`` accepts a new file (probed, then removed)."""
-    p = Path(path).expanduser().resolve()
-    while not p.exists():
-        p = p.parent
-    if not p.is_dir():
-        raise ConfigError(field, f"{path} cannot be created: {p} is a file, not a folder")
-    try:
-        with tempfile.TemporaryFile(dir=p):
-            pass
-    except OSError as e:
-        raise ConfigError(field, f"{path} is not writable ({p}: {e.strerror}); choose a writable folder") from None
-
-
-def _check_checkpoint(ckpt_path: str, model: PolicyModule, trainer: Any) -> None:
-    if ckpt_path in ("last", "hpc", "registry", "best"):
-        return
-    p = Path(ckpt_path)
-    if p.is_dir():  # a sharded (FSDP2) checkpoint: its non-tensor state is in meta.pt
-        p = p / "meta.pt"
-        if not p.is_file():
-            raise ConfigError("ckpt_path", f"{ckpt_path} is a folder but not a sharded checkpoint (no meta.pt)")
-    elif not p.is_file():
-        raise ConfigError("ckpt_path", f"{ckpt_path} does not exist (valid: a .ckpt file, e.g. checkpoints/<run>/last.ckpt)")
-    import torch
-
-    try:
-        try:
-            ckpt = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # not a zip-format file: mmap is not possible
-            ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file: torch raises many types
-        raise ConfigError("ckpt_path", f"{ckpt_path} is not a readable checkpoint ({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or ("state_dict" not in ckpt and p.name != "meta.pt"):
-        raise ConfigError("ckpt_path", f"{ckpt_path} is not a Lightning checkpoint (no state_dict)")
-    guard = next((c for c in trainer.callbacks if isinstance(c, RunGuard)), None)
-    diff = identity_difference(ckpt.get("curate_rl_identity"), run_identity(model))
-    if diff and not (guard is not None and guard.force_resume):
-        raise ConfigError("ckpt_path", f"{diff}; resume it with the same set-up, or set --guard.force_resume true")
-
-
-def preflight(trainer: Any, model: PolicyModule, dm: PromptDataModule, ckpt_path: str | None) -> None:
-    """Set-up checks run before anything is written (no MLflow run, no checkpoint folder): a bad
-    input fails here with one line naming the field or file, not at step 17."""
-    if model.sampling.temperature == 0:
-        raise ConfigError(
-            "model.sampling.temperature",
-            "must be > 0 for training rollouts (greedy rollouts of a prompt are identical, so no group has a "
-            "learning signal); greedy decoding stays available for model.eval.temperature and hint writing",
-        )
-    try:
-        groups = model.configure_optimizers().param_groups
-    except ValueError as e:  # torch's own checks, e.g. "Invalid learning rate: -0.0001"
-        raise ConfigError("model.optimizer.init_args", f"{e} (the learning rate must be > 0)") from None
-    for group in groups:
-        lr = group.get("lr")
-        if isinstance(lr, (int, float)) and not lr > 0:
-            raise ConfigError("model.optimizer.init_args.lr", f"must be > 0, got {lr}")
-    if ckpt_path is not None:
-        _check_checkpoint(str(ckpt_path), model, trainer)
-    ckpt = trainer.checkpoint_callback
-    if isinstance(ckpt, RunCheckpoint) and ckpt._base_dirpath:
-        _writable(ckpt._base_dirpath, "checkpoint.dirpath")
-    if model.export_dir:
-        _writable(model.export_dir, "model.export_dir")
-    uri = getattr(trainer.logger, "_tracking_uri", None)
-    if isinstance(uri, str) and uri.startswith("sqlite:///"):
-        _writable(Path(uri[len("sqlite:///") :]).parent, "trainer.logger.init_args.tracking_uri")
-    _writable(trainer.default_root_dir, "trainer.default_root_dir")
-    # Read every data file now (malformed records fail here), without the prefilter, which needs
-    # the trainer. The pool is then dropped again so that the real set-up under the trainer builds
-    # it as before: the prefilter's pass, and each data-parallel rank's own stream seed.
-    prefilter = getattr(dm, "prefilter", None)
-    dm.prefilter = None
-    try:
-        dm.setup("fit")
-        _check_budget(model, dm)
-        _check_prompt_lengths(model, dm)
-    finally:
-        dm.prefilter = prefilter
-        dm.train_pool, dm.heldout = None, []
-
-
-def _check_budget(model: PolicyModule, dm: PromptDataModule) -> None:
-    """An allocation sampler's per-step budget against ``data.batch_size`` prompts."""
-    from components.samplers.allocation import AllocationSampler, largest_remainder
-
-    s = model.sampler
-    if not isinstance(s, AllocationSampler):
-        return
-    b = dm.batch_size
-    budget = s.total_budget(b)
-    if s.pilot * b > budget:
-        raise ConfigError(
-            "model.sampler.pilot", f"a pilot of {s.pilot} x {b} prompts (data.batch_size) exceeds the step budget {budget}"
-        )
-    floors = [max(0, s.n_min - s.pilot)] * b
-    caps = [None if s.n_max is None else max(0, s.n_max - s.pilot)] * b
-    largest_remainder([1.0] * b, budget - s.pilot * b, floors, caps, field=s._budget_field + f" (with data.batch_size={b})")
-
-
-def _check_prompt_lengths(model: PolicyModule, dm: PromptDataModule) -> None:
-    """Every training and held-out prompt plus ``max_new_tokens`` fits the model's context."""
-    engine = model.engine
-    limit = (
-        getattr(engine, "max_context_tokens", None)
-        or getattr(engine, "max_model_len", None)
-        or getattr(model.policy.config, "max_position_embeddings", None)
-    )
-    if not limit:
-        return
-    new = model.sampling.max_new_tokens
-    prompts = dm.all_prompts()
-    too_long = [(len(model.handle.context_of(p)), p) for p in prompts]
-    too_long = [(n, p) for n, p in too_long if n + new > limit]
-    if too_long:
-        n, p = max(too_long, key=lambda t: t[0])
-        raise ConfigError(
-            "data",
-            f"{len(too_long)} of {len(prompts)} prompts do not fit the model's context of {limit} tokens with "
-            f"model.sampling.max_new_tokens={new}; the longest ({n} tokens, task {p.task}, uid {p.uid}) "
-            f"starts {p.text[:40]!r}; shorten or filter the prompts, or lower max_new_tokens",
-        )
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> CurateCLI:
@@ -312,6 +226,20 @@ def _valid_components(msg: str) -> str:
 
     for mod in pkgutil.iter_modules(components.samplers.__path__):
         importlib.import_module(f"components.samplers.{mod.name}")
+    import inspect
+    import re
+
+    msg = " ".join(msg.split())
+    typo = re.search(r"given class_path '([\w.]+)': Option '(\w+)' is not accepted", msg)
+    if typo:  # an init-arg typo: the class's own arguments, not the classes of its slot
+        path, option = typo.groups()
+        try:
+            cls = getattr(importlib.import_module(path.rsplit(".", 1)[0]), path.rsplit(".", 1)[1])
+            params = [n for n, p in inspect.signature(cls.__init__).parameters.items() if n != "self" and p.kind <= p.KEYWORD_ONLY]
+        except (ImportError, AttributeError, ValueError, TypeError):
+            params = None
+        if params is not None:
+            return f" (valid arguments of {path.rsplit('.', 1)[1]}: {', '.join(params) or 'none'})"
     for key, base in (("model.sampler", Sampler), ("model.engine", RolloutEngine), ("model.reward", Reward)):
         if f'"{key}"' in msg:
             found, todo = [], list(base.__subclasses__())
@@ -322,6 +250,34 @@ def _valid_components(msg: str) -> str:
                     found.append(f"{cls.__module__}.{cls.__qualname__}")
             return f" (valid for {key}: {', '.join(sorted(found))})"
     return ""
+
+
+def _bad_yaml(argv: list[str]) -> str:
+    """The first ``--config`` file that is not valid YAML (for an error message)."""
+    import yaml
+
+    files = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
+    files += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    for f in files:
+        try:
+            yaml.safe_load(Path(f).read_text())
+        except (OSError, yaml.YAMLError):
+            return str(f)
+    return "a config"
+
+
+def _has_runs(db: Path) -> bool:
+    """Whether an sqlite store holds a run (False for an empty, foreign or unreadable file)."""
+    import sqlite3
+
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            return con.execute("select count(*) from runs").fetchone()[0] > 0
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return False
 
 
 def main(args: list[str] | None = None) -> None:
@@ -341,6 +297,7 @@ def main(args: list[str] | None = None) -> None:
     global _RUN_CREATED
     _RUN_CREATED = False
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+    silence_known_messages()  # known third-party messages, each by its text (components/quiet.py)
     hf_logging.disable_progress_bar()
     fresh = [p for p in (Path("mlflow.db"), Path("mlruns")) if not p.exists()]
     try:
@@ -350,9 +307,11 @@ def main(args: list[str] | None = None) -> None:
             for p in fresh:
                 if p.is_dir():
                     shutil.rmtree(p, ignore_errors=True)
-                elif p.exists():
+                elif p.exists() and not _has_runs(p):  # another run started beside this one may own it
                     p.unlink()
         msg = " ".join(str(e).split()) + _valid_components(str(e))
+        if "<unicode string>" in msg:  # a YAML syntax error: name the file it is in
+            msg = msg.replace('"<unicode string>"', _bad_yaml(args if args is not None else sys.argv[1:]))
         print(f"curate-rl: config error: {msg}", file=sys.stderr)
         raise SystemExit(2) from None
     except StopRequested as e:

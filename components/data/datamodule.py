@@ -125,11 +125,19 @@ def _read_jsonl(path: str) -> list[dict]:
 def _read_records(path: str) -> list[dict]:
     p = Path(path)
     if not p.exists():
+        if any(c in str(path) for c in "*?["):
+            raise ConfigError(
+                "data.files.path",
+                f"{path!r} does not exist; globs are not expanded: list each file as its own data.files entry",
+            )
         raise ConfigError(
             "data.files.path", f"{path!r} does not exist (valid: a .jsonl file, a .parquet file or a datasets folder)"
         )
     if p.suffix in (".jsonl", ".json"):
-        return _read_jsonl(path)
+        records = _read_jsonl(path)
+        if not records:
+            raise ConfigError("data.files.path", f"{path} holds no records (the file is empty); one JSON object per line")
+        return records
     import datasets  # optional: only for parquet files and saved datasets folders
 
     try:

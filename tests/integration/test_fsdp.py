@@ -39,8 +39,7 @@ def test_fsdp2_two_process_fit_and_resume(tmp_path):
     run = subprocess.run([*base, "--trainer.max_steps", "2"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     (ckpt,) = (tmp_path / "checkpoints").glob("*/last.ckpt")  # a sharded checkpoint (a folder) under FSDP2, one folder per run
-    exported = tmp_path / "outputs" / "final_policy" / "model.safetensors"
-    assert exported.exists()
+    (exported,) = (tmp_path / "outputs").glob("*/final_policy/model.safetensors")  # one folder per run
     again = subprocess.run(
         [*base, "--trainer.max_steps", "3", "--ckpt_path", str(ckpt)],
         cwd=tmp_path,

@@ -6,6 +6,7 @@ Runs use the tiny model with a handful of prompts so each real `curate-rl` start
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -58,7 +59,8 @@ from components.rewards.verifier import VerifierReward
 
 
 class SlowReward(VerifierReward):
-    """The task's verifier; its RELTEST_SLOW_AT-th call touches RELTEST_MARKER and sleeps RELTEST_SLEEP s."""
+    """The task's verifier; its RELTEST_SLOW_AT-th call touches RELTEST_MARKER, then waits until the
+    test creates RELTEST_RELEASE (at most RELTEST_SLEEP s): the test, not the clock, decides."""
 
     calls = 0
 
@@ -67,7 +69,10 @@ class SlowReward(VerifierReward):
         at = int(os.environ.get("RELTEST_SLOW_AT", "0"))
         if at and SlowReward.calls == at:
             Path(os.environ["RELTEST_MARKER"]).touch()
-            time.sleep(float(os.environ.get("RELTEST_SLEEP", "120")))
+            release = os.environ.get("RELTEST_RELEASE")
+            deadline = time.monotonic() + float(os.environ.get("RELTEST_SLEEP", "600"))
+            while time.monotonic() < deadline and not (release and Path(release).exists()):
+                time.sleep(0.05)
         super().score(prompt, rollouts)
 
 
@@ -104,7 +109,7 @@ def parts(tmp_path, monkeypatch):
     (d / "relparts.py").write_text(PARTS)
     monkeypatch.syspath_prepend(str(d))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(d), str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    for k in ("RELTEST_SLOW_AT", "RELTEST_MARKER", "RELTEST_SLEEP"):
+    for k in ("RELTEST_SLOW_AT", "RELTEST_MARKER", "RELTEST_SLEEP", "RELTEST_RELEASE"):
         monkeypatch.delenv(k, raising=False)
     sys.modules.pop("relparts", None)
     return d
@@ -156,42 +161,58 @@ def test_resume_from_a_periodic_checkpoint_is_exact(tmp_path, monkeypatch):
     resumed = build_cli([*args, "--trainer.max_steps", "4", "--ckpt_path", str(ckpt)])
     assert resumed.trainer.global_step == 4
     _assert_same(ref, _params(resumed))
-    # each run has its own checkpoint folder; no "-v1" files next to a stale last.ckpt
+    # the resume continues the checkpoint's MLflow run and its checkpoint folder (no "-v1" files
+    # next to a stale last.ckpt), evaluates the last step, and exports the policy under the run
     folders = sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir())
-    assert len(folders) == 2 and not list((tmp_path / "b" / "checkpoints").rglob("*-v1.ckpt"))
+    assert len(folders) == 1 and not list((tmp_path / "b" / "checkpoints").rglob("*-v1.ckpt"))
+    assert _runs(tmp_path / "b" / "mlflow.db") == ["FINISHED"]
+    con = sqlite3.connect(tmp_path / "b" / "mlflow.db")
+    steps = [s for (s,) in con.execute("select step from metrics where key = 'eval/pass_at_1' order by step")]
+    con.close()
+    assert steps == [0, 1, 3]  # at start, after steps 2 and 4 (Lightning logs step k's metrics at k - 1)
+    assert (tmp_path / "b" / "outputs" / folders[0] / "final_policy" / "model.safetensors").exists()
 
 
 @pytest.mark.parametrize(
-    "sig, sleep, code, abandoned",
-    [(signal.SIGTERM, 120.0, 143, True), (signal.SIGINT, 4.0, 130, False)],
+    "sig, code, abandoned",
+    [(signal.SIGTERM, 143, True), (signal.SIGINT, 130, False)],
     ids=["sigterm-abandons-a-long-step", "sigint-finishes-a-short-step"],
 )
-def test_stop_signal_checkpoints_marks_killed_and_resumes_exactly(parts, tmp_path, monkeypatch, sig, sleep, code, abandoned):
-    """A real `curate-rl` run gets a signal in step 3 (its reward is slow there). A step longer than
-    half the grace period is abandoned and rolled back (the checkpoint is at step 2); a short one
-    finishes (checkpoint at step 3). Either way the exit code is 128 + signal, the MLflow run is
-    KILLED, and resuming gives the uninterrupted run's weights bit for bit."""
+def test_stop_signal_checkpoints_marks_killed_and_resumes_exactly(parts, tmp_path, monkeypatch, sig, code, abandoned):
+    """A real `curate-rl` run gets a signal in step 3, while its reward waits for the test. A step
+    that outlives half the grace period is abandoned and rolled back (the checkpoint is at step 2):
+    the test never releases the reward. A step that ends in time finishes (checkpoint at step 3):
+    the test releases the reward once the run has said it got the signal, and the grace period is
+    generous. Either way the exit code is 128 + signal, the MLflow run is KILLED, and resuming
+    gives the uninterrupted run's weights bit for bit. No step's length depends on the machine."""
     args = ["fit", "--config", GRPO, *TINY, "--model.reward", "relparts.SlowReward", "--trainer.max_steps", "5"]
     run_dir = tmp_path / "stopped"
     run_dir.mkdir()
-    marker = tmp_path / "in_step_3"
-    env = {**_cli_env(), "RELTEST_SLOW_AT": "18", "RELTEST_MARKER": str(marker), "RELTEST_SLEEP": str(sleep)}
+    marker, release = tmp_path / "in_step_3", tmp_path / "release"
+    env = {**_cli_env(), "RELTEST_SLOW_AT": "18", "RELTEST_MARKER": str(marker), "RELTEST_RELEASE": str(release)}
     # one score() call per prompt: 4 held-out at start, 4 per step, 4 held-out after step 2: call 18 is in step 3
+    grace = "4" if abandoned else "600"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "components.cli", *args, "--guard.grace_period_s", "8", "--checkpoint.every_n_train_steps", "100"],
+        [sys.executable, "-m", "components.cli", *args, "--guard.grace_period_s", grace, "--checkpoint.every_n_train_steps", "100"],
         cwd=run_dir,
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
     )
-    t0 = time.monotonic()
-    while not marker.exists():
+    while not marker.exists():  # the run touches it from inside step 3's reward
         assert proc.poll() is None, proc.stderr.read()
-        assert time.monotonic() - t0 < 300, "the run never reached step 3"
         time.sleep(0.2)
     proc.send_signal(sig)
-    _, err = proc.communicate(timeout=120)
+    lines = []
+    if not abandoned:  # release the reward once the run has taken the signal
+        for line in proc.stderr:
+            lines.append(line)
+            if "received; stopping" in line:
+                release.touch()
+                break
+    _, err = proc.communicate(timeout=600)
+    err = "".join(lines) + err
     assert proc.returncode == code, err
     assert "Traceback" not in err
     (ckpt,) = (run_dir / "checkpoints").glob("*/last.ckpt")
@@ -306,6 +327,15 @@ def _bad_inputs(d: Path) -> dict[str, tuple[list[str], str]]:
     (d / "badmodel").mkdir()
     (d / "badmodel" / "config.json").write_text('{"model_type": "llama", ')
     torch.save({"state_dict": {}, "curate_rl_identity": {"model.sampler": "DynamicSampling"}}, d / "other.ckpt")
+    torch.save({"state_dict": {}, "global_step": 137}, d / "step137.ckpt")
+    torch.save({"state_dict": {"w": torch.zeros(4096)}, "global_step": 2}, d / "whole.ckpt")
+    (d / "truncated.ckpt").write_bytes((d / "whole.ckpt").read_bytes()[:3000])
+    (d / "notes.txt").write_text("not a checkpoint\n")
+    (d / "empty.jsonl").write_text("")
+    (d / "indent.yaml").write_text("trainer:\n  max_steps: 3\n   val_check_interval: 2\n")
+    (d / "typo.yaml").write_text(
+        "model:\n  sampler:\n    class_path: components.samplers.base.FixedGroupSampler\n    init_args:\n      group_sise: 4\n"
+    )
 
     def files(name: str, **kw) -> list[str]:
         return ["--data.files", json.dumps([{"path": str(d / name), "heldout_fraction": 0.2, **kw}])]
@@ -332,6 +362,25 @@ def _bad_inputs(d: Path) -> dict[str, tuple[list[str], str]]:
             "model.sampler.budget",
         ),
         "greedy-training": (["--model.sampling.temperature", "0"], "model.sampling.temperature"),
+        "negative-max-steps": (["--trainer.max_steps", "-5"], "trainer.max_steps: must be >= 1"),
+        "zero-max-steps": (["--trainer.max_steps", "0"], "nothing to train"),
+        "text-file-ckpt": (["--ckpt_path", str(d / "notes.txt")], "notes.txt is not a readable checkpoint"),
+        "truncated-ckpt": (["--ckpt_path", str(d / "truncated.ckpt")], "truncated.ckpt is not a readable checkpoint"),
+        "resume-past-max-steps": (
+            ["--ckpt_path", str(d / "step137.ckpt"), "--trainer.max_steps", "20"],
+            "step137.ckpt is at step 137: nothing is left to train",
+        ),
+        "group-size-1-grpo": (["--model.sampler.group_size", "1"], "model.sampler.group_size: 1 with model.advantage.name=grpo"),
+        "group-size-1-rloo": (
+            ["--model.sampler.group_size", "1", "--model.advantage.name", "rloo"],
+            "model.advantage.name=rloo",
+        ),
+        "batch-larger-than-pool": (["--data.batch_size", "5000"], "larger than the training pool"),
+        "gpu-overlay-without-gpu": (["--config", str(ROOT / "configs" / "gpu-1x.yaml")], "trainer.accelerator: gpu is set"),
+        "empty-data-file": (files("empty.jsonl"), "empty.jsonl holds no records"),
+        "data-glob": (files("*.jsonl"), "globs are not expanded"),
+        "yaml-indentation": (["--config", str(d / "indent.yaml")], "indent.yaml"),
+        "init-arg-typo": (["--config", str(d / "typo.yaml")], "valid arguments of FixedGroupSampler: group_size"),
     }
 
 
@@ -350,11 +399,25 @@ BAD_CASES = [
     "prompt-too-long",
     "impossible-budget",
     "greedy-training",
+    "negative-max-steps",
+    "zero-max-steps",
+    "text-file-ckpt",
+    "truncated-ckpt",
+    "resume-past-max-steps",
+    "group-size-1-grpo",
+    "group-size-1-rloo",
+    "batch-larger-than-pool",
+    "empty-data-file",
+    "data-glob",
+    "yaml-indentation",
+    "init-arg-typo",
 ]
+if not torch.cuda.is_available():
+    BAD_CASES.append("gpu-overlay-without-gpu")
 
 
-def _run_cli_forked(args: list[str], cwd: Path, err_path: Path) -> int:
-    """Run the ``curate-rl`` entry point (``components.cli:main``) in a forked child process.
+def _fork_cli(args: list[str], cwd: Path, err_path: Path, env: dict[str, str] | None = None, out_path: Path | None = None) -> int:
+    """Start the ``curate-rl`` entry point (``components.cli:main``) in a forked child; its pid.
 
     The child has its own working directory, stdout/stderr and exit status, exactly as the
     console script; only the interpreter start and the imports (about 10 s of CPU, mostly torch
@@ -365,10 +428,10 @@ def _run_cli_forked(args: list[str], cwd: Path, err_path: Path) -> int:
         code = 1
         try:
             os.chdir(cwd)
-            os.environ.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+            os.environ.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", **(env or {}))
             fd = os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
             os.dup2(fd, 2)
-            os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+            os.dup2(os.open(out_path or os.devnull, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 1)
             sys.stderr = open(2, "w", buffering=1, closefd=False)
             sys.stdout = open(1, "w", closefd=False)
             sys.argv = ["curate-rl", *args]
@@ -383,8 +446,17 @@ def _run_cli_forked(args: list[str], cwd: Path, err_path: Path) -> int:
         finally:
             sys.stderr.flush()
             os._exit(code)
+    return pid
+
+
+def _wait_cli(pid: int) -> int:
     _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status)
+
+
+def _run_cli_forked(args: list[str], cwd: Path, err_path: Path) -> int:
+    """Run the ``curate-rl`` entry point in a forked child (see :func:`_fork_cli`); its exit code."""
+    return _wait_cli(_fork_cli(args, cwd, err_path))
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
@@ -394,7 +466,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tmp_path):
     extra, expect = _bad_inputs(inputs)[case]
     run = tmp_path / "run"
     run.mkdir()
-    args = ["fit", "--config", GRPO, "--data.train_size", "8", "--data.heldout_size", "2", *extra]
+    args = ["fit", "--config", GRPO, "--data.train_size", "8", "--data.heldout_size", "2", "--data.batch_size", "4", *extra]
     if case == "greedy-training":  # one case through the installed console script itself
         res = subprocess.run(["curate-rl", *args], cwd=run, env=_cli_env(), capture_output=True, text=True, timeout=600)
         code, stderr = res.returncode, res.stderr
@@ -451,3 +523,133 @@ def test_long_run_memory_and_store_stay_bounded(tmp_path, monkeypatch):
     per_step = [(samples[s + 100][1] - samples[s][1]) / 100 for s in range(1000, 2000, 100)]
     assert max(per_step) < 3 * (sum(per_step) / len(per_step)) + 1e-3
     assert math.isfinite(final)
+
+
+# ---- the MLflow store ---------------------------------------------------------------------
+ONE_STEP = ["fit", "--config", GRPO, *TINY, "--trainer.max_steps", "1", "--model.eval.at_start", "false"]
+
+
+def test_runs_started_at_once_in_a_fresh_folder_all_run(tmp_path):
+    """Three runs started together in one fresh folder (the store is created and migrated under
+    its lock, not by each MLflow client at once), then a fourth in the same store."""
+    pids = [_fork_cli(ONE_STEP, tmp_path, tmp_path / f"err{i}.txt") for i in range(3)]
+    codes = [_wait_cli(pid) for pid in pids]
+    errs = [(tmp_path / f"err{i}.txt").read_text() for i in range(3)]
+    assert codes == [0, 0, 0], [e[-1500:] for e in errs]
+    assert not any("Traceback" in e for e in errs)
+    fourth = _wait_cli(_fork_cli(ONE_STEP, tmp_path, tmp_path / "err3.txt", out_path=tmp_path / "out3.txt"))
+    assert fourth == 0, (tmp_path / "err3.txt").read_text()[-1500:]
+    assert _runs(tmp_path / "mlflow.db") == ["FINISHED"] * 4
+    # the run's last lines: where its run, checkpoints and final policy are (each run its own folders)
+    summary = (tmp_path / "out3.txt").read_text().splitlines()[-5:]
+    assert summary[0] == "curate-rl: finished at step 1" and summary[1].startswith("  held-out pass@1 ")
+    run_id = summary[2].split()[2]
+    ckpts, policy = Path(summary[3].split()[-1]), tmp_path / summary[4].split()[-1]
+    assert ckpts.parent == tmp_path / "checkpoints" and ckpts.name.endswith(run_id[:8]) and (ckpts / "last.ckpt").exists()
+    assert policy.parent.name == ckpts.name and (policy / "model.safetensors").exists()
+    assert len(list((tmp_path / "outputs").iterdir())) == 4
+    con = sqlite3.connect(tmp_path / "mlflow.db")
+    kind = con.execute("select value from experiment_tags where key = 'mlflow.experimentKind'").fetchall()
+    owners = con.execute("select count(distinct value) from tags where key = 'curate_rl.pid'").fetchone()[0]
+    con.close()
+    assert kind == [("custom_model_development",)] and owners == 4
+
+
+def _store_cases(d: Path) -> dict[str, bytes]:
+    d.mkdir()
+    _run_cli_forked(ONE_STEP, d, d / "err.txt")
+    good = (d / "mlflow.db").read_bytes()
+    return {"not-a-database": b"this is a text file\n", "truncated": good[: len(good) // 3]}
+
+
+@pytest.mark.parametrize("case", ["not-a-database", "truncated"])
+def test_a_corrupt_store_is_one_line_exit_2_and_left_as_it_was(case, tmp_path):
+    content = _store_cases(tmp_path / "good")[case]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "mlflow.db").write_bytes(content)
+    code = _run_cli_forked(ONE_STEP, run, tmp_path / "stderr.txt")
+    stderr = (tmp_path / "stderr.txt").read_text()
+    err = stderr.strip().splitlines()
+    assert code == 2, stderr[-2000:]
+    assert "Traceback" not in stderr and len([line for line in err if line.startswith("curate-rl:")]) == 1
+    assert err[-1].startswith("curate-rl: config error: trainer.logger.init_args.tracking_uri: ")
+    assert str(run / "mlflow.db") in err[-1] and "mv " in err[-1]
+    assert [p.name for p in run.iterdir()] == ["mlflow.db"] and (run / "mlflow.db").read_bytes() == content
+
+
+def test_an_unwritable_store_folder_is_one_line_exit_2(tmp_path):
+    folder = "/proc/curate-rl-test" if os.geteuid() == 0 else str(tmp_path / "ro" / "store")
+    if os.geteuid() != 0:
+        (tmp_path / "ro").mkdir()
+        (tmp_path / "ro").chmod(0o555)
+    run = tmp_path / "run"
+    run.mkdir()
+    args = [*ONE_STEP, "--trainer.logger.init_args.tracking_uri", f"sqlite:///{folder}/mlflow.db"]
+    code = _run_cli_forked(args, run, tmp_path / "stderr.txt")
+    err = (tmp_path / "stderr.txt").read_text().strip().splitlines()
+    assert code == 2 and err[-1].startswith("curate-rl: config error: trainer.logger.init_args.tracking_uri: ")
+    assert "not writable" in err[-1] and "Traceback" not in "".join(err)
+    assert list(run.iterdir()) == []
+
+
+def test_a_run_killed_with_sigkill_is_failed_by_the_next_run_a_live_one_stays_running(parts, tmp_path):
+    """Two runs sit in their first reward call (the test releases neither); one is killed with
+    SIGKILL. The next run in that store marks the dead one FAILED and leaves the live one RUNNING."""
+    children = {}
+    for name in ("dead", "alive"):
+        marker = tmp_path / f"{name}.in_step"
+        env = {"RELTEST_SLOW_AT": "1", "RELTEST_MARKER": str(marker), "RELTEST_SLEEP": "600"}
+        args = [*ONE_STEP, "--model.reward", "relparts.SlowReward", "--trainer.max_steps", "3"]
+        children[name] = (_fork_cli(args, tmp_path, tmp_path / f"{name}.txt", env), marker)
+    try:
+        for name, (pid, marker) in children.items():
+            while not marker.exists():  # the child touches it from inside its run's first step
+                assert os.waitpid(pid, os.WNOHANG) == (0, 0), (tmp_path / f"{name}.txt").read_text()[-2000:]
+                time.sleep(0.2)
+        assert _runs(tmp_path / "mlflow.db") == ["RUNNING", "RUNNING"]
+        dead_pid = children["dead"][0]
+        os.kill(dead_pid, signal.SIGKILL)
+        assert _wait_cli(dead_pid) == -signal.SIGKILL
+        assert _run_cli_forked(ONE_STEP, tmp_path, tmp_path / "next.txt") == 0
+        con = sqlite3.connect(tmp_path / "mlflow.db")
+        status = dict(
+            con.execute("select t.value, r.status from runs r join tags t on t.run_uuid = r.run_uuid and t.key = 'curate_rl.pid'")
+        )
+        con.close()
+        assert status[str(dead_pid)] == "FAILED"
+        assert status[str(children["alive"][0])] == "RUNNING"
+        assert sorted(status.values()) == ["FAILED", "FINISHED", "RUNNING"]
+        assert "marked FAILED" in (tmp_path / "next.txt").read_text()
+    finally:
+        for pid, _ in children.values():
+            with contextlib.suppress(ProcessLookupError, ChildProcessError):
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+
+
+# ---- the terminal ---------------------------------------------------------------------------
+def test_a_default_fit_prints_no_third_party_warnings_and_ends_with_its_summary(tmp_path):
+    """The console entry point as a user runs it (no PYTHONWARNINGS, the progress bar on, 120
+    columns): stderr holds no warning and no Lightning tip, the bar shows steps (no epoch, no
+    v_num) with its metrics on one line, and stdout ends with where everything went."""
+    env = {k: v for k, v in _cli_env().items() if k != "PYTHONWARNINGS"}
+    env["COLUMNS"] = "120"
+    args = ["fit", "--config", GRPO, *[a for a in TINY if a not in ("--trainer.enable_progress_bar", "false")]]
+    res = subprocess.run(
+        [sys.executable, "-m", "components.cli", *args, "--trainer.max_steps", "3", "--checkpoint.every_n_train_steps", "2"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    noisy = [ln for ln in res.stderr.splitlines() if "Warning" in ln or "warn" in ln.lower() or "Tip:" in ln or ".py:" in ln]
+    assert not noisy, noisy
+    bar = [ln for ln in res.stdout.splitlines() if ln.startswith("step ")]
+    assert bar and "3/3" in bar[-1] and "pass@1:" in bar[-1] and "reward:" in bar[-1]
+    assert "Epoch" not in res.stdout and "v_num" not in res.stdout
+    assert all(len(ln) <= 120 for ln in res.stdout.splitlines() if "━" in ln)
+    last = res.stdout.strip().splitlines()[-3:]
+    assert last[0].startswith("  MLflow run ") and last[1].startswith("  checkpoints ") and last[2].startswith("  final policy ")
