@@ -219,8 +219,15 @@ def test_stop_signal_checkpoints_marks_killed_and_resumes_exactly(parts, tmp_pat
     assert torch.load(ckpt, weights_only=True)["global_step"] == (2 if abandoned else 3)
     assert _runs(run_dir / "mlflow.db") == ["KILLED"]
 
-    monkeypatch.chdir(tmp_path)
+    con = sqlite3.connect(run_dir / "mlflow.db")
+    ((killed_id,),) = con.execute("select run_uuid from runs").fetchall()
+    con.close()
+    monkeypatch.chdir(tmp_path)  # another store: the resume starts a new run, tagged with the killed one
     resumed = _params(build_cli([*args, "--ckpt_path", str(ckpt)]))
+    con = sqlite3.connect(tmp_path / "mlflow.db")
+    parent = con.execute("select value from tags where key = 'curate_rl.parent_run'").fetchall()
+    con.close()
+    assert parent == [(killed_id,)]
     (tmp_path / "ref").mkdir()
     monkeypatch.chdir(tmp_path / "ref")
     _assert_same(_params(build_cli(args)), resumed)
