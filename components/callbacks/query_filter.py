@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import lightning as L
 import torch
@@ -39,8 +39,14 @@ from components.rewards.r3 import R3Reward, split_at_marker, token_spread, worst
 from components.types import Group, Prompt
 
 if TYPE_CHECKING:
-    from components.data.datamodule import PromptPool
     from components.handle import StepHandle
+
+
+class Pool(Protocol):
+    """What a round reads and rewrites of the data module's training pool (its ``PromptPool``)."""
+
+    prompts: list[Prompt]
+    weights: torch.Tensor
 
 # Per-step amounts a round adds (0 in steps without a round).
 _ROUND_KEYS = (
@@ -181,7 +187,7 @@ class PeriodicQueryFilter(SignalCallback):
             "max_sigma": max_sigma,
         }
 
-    def run_round(self, handle: StepHandle, pool: PromptPool) -> None:
+    def run_round(self, handle: StepHandle, pool: Pool) -> None:
         """One round over ``pool`` (the data module's training pool), whose weights it rewrites."""
         t0 = time.perf_counter()
         if self._orig_weights is None:
@@ -220,7 +226,7 @@ class PeriodicQueryFilter(SignalCallback):
         ):
             self._pending[k] = self._pending.get(k, 0) + v
 
-    def _apply(self, pool: PromptPool) -> None:
+    def _apply(self, pool: Pool) -> None:
         mask = torch.tensor([p.uid in self.kept for p in pool.prompts], dtype=self._orig_weights.dtype)
         pool.weights = self._orig_weights * mask
 

@@ -191,7 +191,7 @@ def _contained() -> Iterator[None]:
     """Undo what building ``vllm.LLM`` in process does to the training process (see the module
     docstring): RNG states, ``os.environ``, ``torch.set_num_threads`` and the thread count, the
     float32 matmul precision, a frozen GC heap. The default process group stays (vLLM needs it)."""
-    from components.callbacks.lifecycle import rng_state, set_rng_state
+    from components.rng import rng_state, set_rng_state
 
     rng = rng_state()
     env = dict(os.environ)

@@ -26,13 +26,13 @@ from components.algos.advantages import AdvantageConfig, get_advantage
 from components.algos.batch import TokenBatch, build_batch, forward_logprobs
 from components.algos.losses import LossConfig, get_aggregation, get_policy_loss
 from components.callbacks.base import SignalCallback
-from components.callbacks.lifecycle import rng_state, set_rng_state
 from components.engines.base import RolloutEngine, SamplingParams
 from components.engines.hf import HFEngine
 from components.errors import ConfigError
 from components.policy import encode_prompt, load_policy
 from components.rewards.functions import as_reward
 from components.rewards.verifier import Reward, VerifierReward
+from components.rng import rng_state, set_rng_state
 from components.samplers.base import FixedGroupSampler, Sampler
 from components.step import metrics
 from components.step.evaluation import EvalConfig, Evaluator
