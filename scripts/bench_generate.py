@@ -32,25 +32,16 @@ import torch
 def build_llama_40m(folder: str | Path, seed: int = 0) -> Path:
     """A random Llama of ~41M parameters (hidden 512, 12 layers, 8 heads of 64, MLP 1536, 256
     positions) over the embedded char tokenizer, saved to ``folder`` (a model path for any engine)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    from components.policy import load_policy
+    from components.policy import load_policy, tiny_config
 
     _, tok = load_policy("embedded:tiny")
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=512,
-        intermediate_size=1536,
-        num_hidden_layers=12,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        head_dim=64,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
+    # The embedded model's architecture (components/policy.py), scaled up.
+    cfg = tiny_config(
+        len(tok), tok, hidden_size=512, intermediate_size=1536, num_hidden_layers=12,
+        num_attention_heads=8, num_key_value_heads=8, head_dim=64, max_position_embeddings=256,
+    )  # fmt: skip
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg)
     folder = Path(folder)
