@@ -210,6 +210,10 @@ class _PromptStream(IterableDataset):
             yield BatchRequest(self.dm.batch_size)
 
 
+# Seed offsets of the held-out sets (``data.heldout_split``); the training pool uses seed * 1000 + i.
+HELDOUT_SEEDS = {"test": 10_000_019, "tune": 20_000_033}
+
+
 class PromptDataModule(L.LightningDataModule):
     """Train and held-out prompts from reasoning-gym generators and/or files.
 
@@ -223,6 +227,11 @@ class PromptDataModule(L.LightningDataModule):
         heldout_size: held-out prompts for evaluation, generated with a different seed. Items not
             in the training pool come first; only a task whose item space is too small to avoid
             overlap (1-digit sums) fills its share with training items.
+        heldout_split: which held-out set evaluation reads. ``test`` (default): the set that judges
+            methods (docs/results.md). ``tune``: a second set from a third seed, kept apart from the
+            training pool and from ``test`` where the item space allows, for choosing shared
+            settings (lr, schedule) without looking at the items that judge the methods. Generated
+            tasks only: a file task has one held-out slice (its ``heldout_fraction``).
         seed: seeds the pool and the training stream.
         prefilter: keep only training prompts the initial policy solves between a min and a max
             count of k samples (components/data/prefilter.py; cached on disk). None: no filter.
@@ -235,6 +244,7 @@ class PromptDataModule(L.LightningDataModule):
         batch_size: int = 32,
         train_size: int = 2000,
         heldout_size: int = 300,
+        heldout_split: str = "test",
         seed: int = 0,
         prefilter: PrefilterConfig | None = None,
     ) -> None:
@@ -248,6 +258,15 @@ class PromptDataModule(L.LightningDataModule):
         for t in [*self.tasks, *self.files]:
             if not (t.weight > 0 and math.isfinite(t.weight)):
                 raise ConfigError("data.tasks.weight", f"must be a positive number, got {t.weight}")
+        if heldout_split not in HELDOUT_SEEDS:
+            raise ConfigError("data.heldout_split", f"{heldout_split!r} is not one of {sorted(HELDOUT_SEEDS)}")
+        if heldout_split != "test" and self.files:
+            raise ConfigError(
+                "data.heldout_split",
+                f"{heldout_split!r} needs generated tasks only: file tasks have one held-out slice "
+                "(data.files.heldout_fraction); use 'test' or drop data.files",
+            )
+        self.heldout_split = heldout_split
         self.batch_size = batch_size
         self.train_size = train_size
         self.heldout_size = heldout_size
@@ -335,8 +354,12 @@ class PromptDataModule(L.LightningDataModule):
         for i, task in enumerate(self.tasks):
             ps = self._rg_prompts(task, i, self.seed * 1000 + i, train_n[i])
             seen = {p.text for p in ps}
+            if self.heldout_split != "test":
+                # The tuning set also keeps clear of the test set's items (where the space allows).
+                test = self._rg_prompts(task, i, HELDOUT_SEEDS["test"] + self.seed * 1000 + i, held_n[i] * 2 + 16)
+                seen |= {p.text for p in test}
             # Held-out items from another seed, minus anything already in the training pool.
-            cand = self._rg_prompts(task, i, 10_000_019 + self.seed * 1000 + i, held_n[i] * 2 + 16)
+            cand = self._rg_prompts(task, i, HELDOUT_SEEDS[self.heldout_split] + self.seed * 1000 + i, held_n[i] * 2 + 16)
             # Small item spaces (1-digit sums have 200 items) cannot avoid overlap: fill from it last.
             fresh = [p for p in cand if p.text not in seen]
             held += (fresh + [p for p in cand if p.text in seen])[: held_n[i]]

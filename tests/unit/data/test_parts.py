@@ -160,3 +160,25 @@ def test_prompt_longer_than_context_is_a_clear_error():
 def test_bad_sampling_params_name_the_field():
     with pytest.raises(ConfigError, match="top_p"):
         SamplingParams(top_p=0).validate()
+
+
+def test_tuning_split_is_apart_from_training_and_test():
+    """``heldout_split: tune`` evaluates on a third set: none of its multi-digit items is in the
+    training pool or in the test set, and the training pool is the same as under ``test``."""
+    test, tune = _dm(train_size=200, heldout_size=60), _dm(train_size=200, heldout_size=60, heldout_split="tune")
+    test.setup()
+    tune.setup()
+    assert [p.uid for p in test.train_pool.prompts] == [p.uid for p in tune.train_pool.prompts]
+    train = {p.text for p in tune.train_pool.prompts}
+    big = [p for p in tune.heldout if p.tag != "d1"]  # 1-digit sums: 200 items, overlap unavoidable
+    assert len(tune.heldout) == 60 and big
+    assert not {p.text for p in big} & (train | {p.text for p in test.heldout})
+
+
+def test_tuning_split_refuses_files_and_unknown_names(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"prompt": "1+1=", "answer": "2"}\n')
+    with pytest.raises(ConfigError, match="data.heldout_split"):
+        PromptDataModule(tasks=[], files=[FileTask(str(f))], heldout_split="tune")
+    with pytest.raises(ConfigError, match="'test', 'tune'"):
+        PromptDataModule(heldout_split="dev")
