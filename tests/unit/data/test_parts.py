@@ -160,3 +160,15 @@ def test_prompt_longer_than_context_is_a_clear_error():
 def test_bad_sampling_params_name_the_field():
     with pytest.raises(ConfigError, match="top_p"):
         SamplingParams(top_p=0).validate()
+
+
+def test_unset_tasks_are_the_default_mix_or_none_beside_files(tmp_path):
+    from components.data.datamodule import resolve_tasks
+
+    assert resolve_tasks(None, None) == default_tasks() and resolve_tasks(None, []) == default_tasks()
+    assert resolve_tasks(None, [FileTask("x.jsonl")]) == []
+    mine = [ReasoningGymTask("chain_sum", tag="mine")]
+    assert resolve_tasks(mine, [FileTask("x.jsonl")]) == mine
+    f = tmp_path / "d.jsonl"
+    f.write_text("".join(json.dumps({"prompt": f"{i} + 1 =", "answer": str(i + 1)}) + "\n" for i in range(8)))
+    assert PromptDataModule(files=[FileTask(str(f))]).tasks == []
