@@ -39,6 +39,28 @@ KNOWN_WARNINGS: list[tuple[str, type[Warning], str]] = [
 KNOWN_LOG_LINES: list[tuple[str, str, str]] = [
     ("lightning.pytorch.utilities.rank_zero", "💡 Tip:", "lightning advertises its cloud logger at every start"),
     ("lightning.fabric.utilities.rank_zero", "💡 Tip:", "the same, through lightning.fabric"),
+    (
+        "lightning.pytorch.utilities.rank_zero",
+        "GPU available: ",
+        "lightning/pytorch/trainer/setup.py _log_device_info: the accelerator is the config's trainer.accelerator, "
+        "checked before the run (a GPU set but missing is a one-line error; one present but unused still warns)",
+    ),
+    ("lightning.pytorch.utilities.rank_zero", "TPU available: ", "the same function, for TPUs, which this project does not use"),
+    (
+        "lightning.pytorch.accelerators.cuda",
+        "LOCAL_RANK: ",
+        "lightning/pytorch/accelerators/cuda.py: the CUDA_VISIBLE_DEVICES of each rank at start",
+    ),
+    (
+        "lightning.pytorch.utilities.rank_zero",
+        "`Trainer.fit` stopped: `max_steps=",
+        "lightning/pytorch/loops/fit_loop.py: the normal end of a run; our own summary (curate-rl: finished at step N) says it",
+    ),
+    (
+        "lightning.fabric.utilities.seed",
+        "Seed set to ",
+        "lightning/fabric/utilities/seed.py seed_everything: the seed is the config's seed_everything, logged with the run",
+    ),
 ]
 
 
