@@ -206,7 +206,7 @@ def runs_view() -> dict[str, Any]:
 
 def view_url(experiment_id: str, host: str = "http://127.0.0.1:5000") -> str:
     """The runs page of ``mlflow ui`` (default host and port) in :func:`runs_view`, as charts."""
-    return f"{host}/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}&compareRunsMode=CHART"
+    return f"{host}/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}&compareRunsMode=CHART&workflowType=machine_learning"
 
 
 def experiment_tags() -> dict[str, str]:

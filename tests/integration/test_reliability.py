@@ -562,7 +562,9 @@ def test_runs_started_at_once_in_a_fresh_folder_all_run(tmp_path):
     assert summary[0] == "curate-rl: finished at step 1" and summary[1].startswith("  held-out pass@1 ")
     run_id = summary[2].split()[2]
     assert summary[3] == f"  open it        mlflow ui --backend-store-uri sqlite:///{tmp_path / 'mlflow.db'}"
-    assert summary[4].endswith("/#/experiments/1/runs?viewStateShareKey=curate-rl-eval-first&compareRunsMode=CHART")
+    assert summary[4].endswith(
+        "/#/experiments/1/runs?viewStateShareKey=curate-rl-eval-first&compareRunsMode=CHART&workflowType=machine_learning"
+    )
     ckpts, policy = Path(summary[5].split()[-1]), Path(summary[6].split()[-1])
     assert ckpts.parent == tmp_path / "checkpoints" and ckpts.name.endswith(run_id[:8]) and (ckpts / "last.ckpt").exists()
     assert policy == tmp_path / "outputs" / ckpts.name / "final_policy" and (policy / "model.safetensors").exists()

@@ -70,7 +70,9 @@ def test_the_experiments_saved_view_puts_evaluation_first():
     view = json.loads(tags[f"mlflow.sharedViewState.{VIEW_KEY}"])
     assert view["name"] and isinstance(view["createdAt"], int) and json.loads(view["state"]) == state
     assert tags == experiment_tags()  # the same value at every start: an existing store is not rewritten
-    assert view_url("3").endswith(f"/#/experiments/3/runs?viewStateShareKey={VIEW_KEY}&compareRunsMode=CHART")
+    assert view_url("3").endswith(
+        f"/#/experiments/3/runs?viewStateShareKey={VIEW_KEY}&compareRunsMode=CHART&workflowType=machine_learning"
+    )
 
 
 def test_an_existing_experiment_gets_the_kind_and_view_and_keeps_a_kind_set_by_hand(tmp_path, monkeypatch):
