@@ -163,12 +163,19 @@ class CurateCLI(LightningCLI):
                 client.set_tag(logger.run_id, k, v)
             client.set_tag(logger.run_id, "curate_rl.resumed_from", f"{resume['path']} (step {resume['step']})")
             client.update_run(logger.run_id, status="RUNNING")
-            print(f"curate-rl: resuming MLflow run {logger.run_id} at step {resume['step']}", file=sys.stderr)
-            return  # its config and params were logged when it started
-        if resume and resume.get("run_id"):
             print(
-                f"curate-rl: the checkpoint's MLflow run {resume['run_id']} is not in this store; "
-                f"logging to a new run {logger.run_id} (tag curate_rl.parent_run)",
+                f"curate-rl: resuming MLflow run {logger.run_id} at step {resume['step']} from {resume['path']}", file=sys.stderr
+            )
+            return  # its config and params were logged when it started
+        if resume:  # Lightning's own restore lines are silenced (components/quiet.py): say it here
+            why = (
+                f"its MLflow run {resume['run_id']} is not in this store, so "
+                if resume.get("run_id")
+                else "its run is unknown, so "
+            )
+            tag = " (tag curate_rl.parent_run)" if resume.get("run_id") else ""
+            print(
+                f"curate-rl: resuming {resume['path']} at step {resume['step']}; {why}logging to a new run {logger.run_id}{tag}",
                 file=sys.stderr,
             )
         text = (

@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.callbacks import Timer
+
 from components.callbacks.checkpoint import RunCheckpoint
 from components.callbacks.lifecycle import RunGuard, identity_difference, run_identity
 from components.data.datamodule import PromptDataModule
@@ -22,7 +24,12 @@ from components.store import sqlite_path, view_url, writable
 def print_summary(trainer: Any, model: PolicyModule) -> None:
     """The run's last lines: final held-out pass@1 by slice, the MLflow run, checkpoints, policy."""
     res = model.last_eval
-    lines = [f"curate-rl: finished at step {trainer.global_step}"]
+    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+    left = timer.time_remaining() if timer is not None else None
+    why = ""  # Lightning's own "Time limit reached" line is silenced (components/quiet.py)
+    if left is not None and left <= 0 and trainer.global_step < (trainer.max_steps or 0):
+        why = f" of {trainer.max_steps}: trainer.max_time reached after {int(timer.time_elapsed())} s"
+    lines = [f"curate-rl: finished at step {trainer.global_step}{why}"]
     if res:
         slices = sorted(k.rsplit("/", 1)[1] for k in res if k.startswith("eval/pass_at_1/"))
         by = ", ".join(f"{s} {res[f'eval/pass_at_1/{s}']:.3f}" for s in slices)

@@ -29,6 +29,12 @@ KNOWN_WARNINGS: list[tuple[str, type[Warning], str]] = [
         "resume needs (RunCheckpoint saves at the step's end by design)",
     ),
     (
+        r"The dirpath has changed from .* won't be reloaded",
+        UserWarning,
+        "lightning ModelCheckpoint.load_state_dict: a resume into a new MLflow run (another store) writes to that "
+        "run's own folder by design; the old folder's best/last paths are not used (RunCheckpoint keeps its own)",
+    ),
+    (
         r"Checkpoint directory .* exists and is not empty",
         UserWarning,
         "lightning ModelCheckpoint: a resume writes into its own run's checkpoint folder on purpose",
@@ -55,6 +61,18 @@ KNOWN_LOG_LINES: list[tuple[str, str, str]] = [
         "lightning.pytorch.utilities.rank_zero",
         "`Trainer.fit` stopped: `max_steps=",
         "lightning/pytorch/loops/fit_loop.py: the normal end of a run; our own summary (curate-rl: finished at step N) says it",
+    ),
+    (
+        "lightning.pytorch.utilities.rank_zero",
+        "Restoring states from the checkpoint path at ",
+        "lightning/pytorch/trainer/connectors/checkpoint_connector.py: a resume; our own line "
+        "(curate-rl: resuming ... from <checkpoint>) names the run, the step and the file",
+    ),
+    ("lightning.pytorch.utilities.rank_zero", "Restored all states from the checkpoint at ", "the same resume, once loaded"),
+    (
+        "lightning.pytorch.utilities.rank_zero",
+        "Time limit reached. Elapsed time is ",
+        "lightning/pytorch/callbacks/timer.py (trainer.max_time): our summary's first line says the run stopped on time",
     ),
     (
         "lightning.fabric.utilities.seed",

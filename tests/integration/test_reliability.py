@@ -678,3 +678,20 @@ def test_a_default_fit_prints_no_third_party_warnings_and_ends_with_its_summary(
     assert all(len(ln) <= 120 for ln in res.stdout.splitlines() if "━" in ln)
     last = res.stdout.strip().splitlines()[-5:]
     assert [ln.split()[0] for ln in last] == ["MLflow", "open", "eval", "checkpoints", "final"]
+    # a resume says on one line of its own which run, step and file it continues (Lightning's
+    # restore lines are silenced), and the run goes on in the same MLflow run
+    (ckpt,) = (tmp_path / "checkpoints").glob("*/last.ckpt")
+    step = torch.load(ckpt, weights_only=True)["global_step"]  # the last step checkpoint (every 2 steps)
+    res2 = subprocess.run(
+        [sys.executable, "-m", "components.cli", *args, "--trainer.max_steps", "4", "--checkpoint.every_n_train_steps", "2"]
+        + ["--ckpt_path", str(ckpt)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res2.returncode == 0, res2.stderr[-3000:]
+    run_id = last[0].split()[2]
+    assert res2.stderr.splitlines() == [f"curate-rl: resuming MLflow run {run_id} at step {step} from {ckpt}"]
+    assert res2.stdout.strip().splitlines()[-5].split()[2] == run_id and _runs(tmp_path / "mlflow.db") == ["FINISHED"]
