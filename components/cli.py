@@ -16,19 +16,20 @@ stopped by SIGTERM / SIGINT (checkpoint written, the MLflow run is KILLED).
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from jsonargparse import ArgumentError
+from jsonargparse import ArgumentError, Namespace
 from lightning.pytorch.callbacks import ProgressBar
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from components.callbacks.checkpoint import AtomicCheckpointIO, RunCheckpoint
 from components.callbacks.lifecycle import RunGuard
-from components.data.datamodule import PromptDataModule
+from components.data.datamodule import PromptDataModule, resolve_tasks
 from components.errors import ConfigError, RunAborted, StopRequested
 from components.preflight import check_trainer, load_checkpoint, preflight, print_summary
 from components.quiet import silence_known_messages
@@ -61,6 +62,19 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, str]:
     else:
         out[prefix] = str(d)[:6000]  # MLflow's param value limit
     return out
+
+
+class _Parser(LightningArgumentParser):
+    """Dumps (``--print_config``, the run's ``config.yaml``) show an unset ``data.tasks`` as the tasks
+    the run trains on (see :func:`~components.data.datamodule.resolve_tasks` for why it stays unset)."""
+
+    def dump(self, cfg: Any, *args: Any, **kwargs: Any) -> str:
+        if "skip_none" in kwargs:  # LightningCLI 2.6 still passes jsonargparse's deprecated name for it
+            kwargs["skip_unset"] = kwargs.pop("skip_none")
+        if isinstance(cfg, Namespace) and "data.tasks" in cfg and cfg["data.tasks"] is None:
+            cfg = cfg.clone()
+            cfg["data.tasks"] = [dataclasses.asdict(t) for t in resolve_tasks(None, cfg.get("data.files"))]
+        return super().dump(cfg, *args, **kwargs)
 
 
 class CurateCLI(LightningCLI):
@@ -149,15 +163,24 @@ class CurateCLI(LightningCLI):
                 client.set_tag(logger.run_id, k, v)
             client.set_tag(logger.run_id, "curate_rl.resumed_from", f"{resume['path']} (step {resume['step']})")
             client.update_run(logger.run_id, status="RUNNING")
-            print(f"curate-rl: resuming MLflow run {logger.run_id} at step {resume['step']}", file=sys.stderr)
-            return  # its config and params were logged when it started
-        if resume and resume.get("run_id"):
             print(
-                f"curate-rl: the checkpoint's MLflow run {resume['run_id']} is not in this store; "
-                f"logging to a new run {logger.run_id} (tag curate_rl.parent_run)",
+                f"curate-rl: resuming MLflow run {logger.run_id} at step {resume['step']} from {resume['path']}", file=sys.stderr
+            )
+            return  # its config and params were logged when it started
+        if resume:  # Lightning's own restore lines are silenced (components/quiet.py): say it here
+            why = (
+                f"its MLflow run {resume['run_id']} is not in this store, so "
+                if resume.get("run_id")
+                else "its run is unknown, so "
+            )
+            tag = " (tag curate_rl.parent_run)" if resume.get("run_id") else ""
+            print(
+                f"curate-rl: resuming {resume['path']} at step {resume['step']}; {why}logging to a new run {logger.run_id}{tag}",
                 file=sys.stderr,
             )
-        text = self.parser.dump(cfg, skip_none=False) if self.subcommand is None else self._subparser().dump(cfg, skip_none=False)
+        text = (
+            self.parser.dump(cfg, skip_unset=False) if self.subcommand is None else self._subparser().dump(cfg, skip_unset=False)
+        )
         client, run_id = logger.experiment, logger.run_id
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "config.yaml"
@@ -205,6 +228,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> CurateCLI:
         PolicyModule,
         PromptDataModule,
         trainer_defaults=TRAINER_DEFAULTS,
+        parser_class=_Parser,
         save_config_callback=None,
         auto_configure_optimizers=False,
         parser_kwargs={"exit_on_error": False},
@@ -235,7 +259,9 @@ def _valid_components(msg: str) -> str:
         path, option = typo.groups()
         try:
             cls = getattr(importlib.import_module(path.rsplit(".", 1)[0]), path.rsplit(".", 1)[1])
-            params = [n for n, p in inspect.signature(cls.__init__).parameters.items() if n != "self" and p.kind <= p.KEYWORD_ONLY]
+            params = [
+                n for n, p in inspect.signature(cls.__init__).parameters.items() if n != "self" and p.kind <= p.KEYWORD_ONLY
+            ]
         except (ImportError, AttributeError, ValueError, TypeError):
             params = None
         if params is not None:

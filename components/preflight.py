@@ -11,18 +11,25 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.callbacks import Timer
+
 from components.callbacks.checkpoint import RunCheckpoint
 from components.callbacks.lifecycle import RunGuard, identity_difference, run_identity
 from components.data.datamodule import PromptDataModule
 from components.errors import ConfigError
 from components.step.module import PolicyModule
-from components.store import writable
+from components.store import sqlite_path, view_url, writable
 
 
 def print_summary(trainer: Any, model: PolicyModule) -> None:
     """The run's last lines: final held-out pass@1 by slice, the MLflow run, checkpoints, policy."""
     res = model.last_eval
-    lines = [f"curate-rl: finished at step {trainer.global_step}"]
+    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+    left = timer.time_remaining() if timer is not None else None
+    why = ""  # Lightning's own "Time limit reached" line is silenced (components/quiet.py)
+    if left is not None and left <= 0 and trainer.global_step < (trainer.max_steps or 0):
+        why = f" of {trainer.max_steps}: trainer.max_time reached after {int(timer.time_elapsed())} s"
+    lines = [f"curate-rl: finished at step {trainer.global_step}{why}"]
     if res:
         slices = sorted(k.rsplit("/", 1)[1] for k in res if k.startswith("eval/pass_at_1/"))
         by = ", ".join(f"{s} {res[f'eval/pass_at_1/{s}']:.3f}" for s in slices)
@@ -30,14 +37,15 @@ def print_summary(trainer: Any, model: PolicyModule) -> None:
     logger = trainer.logger
     if logger is not None and hasattr(type(logger), "run_id"):
         uri = str(logger._tracking_uri)
-        lines.append(
-            f"  MLflow run     {logger.run_id} (experiment {logger._experiment_name}); open: mlflow ui --backend-store-uri {uri}"
-        )
+        lines.append(f"  MLflow run     {logger.run_id} (experiment {logger._experiment_name})")
+        lines.append(f"  open it        mlflow ui --backend-store-uri {uri}")
+        if sqlite_path(uri) is not None:  # the store holds the view (components/store.py)
+            lines.append(f"  eval first     {view_url(logger.experiment_id)}")
     ckpt = trainer.checkpoint_callback
     if ckpt is not None and ckpt.dirpath:
         lines.append(f"  checkpoints    {ckpt.dirpath}")
     if model.exported_to:
-        lines.append(f"  final policy   {model.exported_to}")
+        lines.append(f"  final policy   {Path(model.exported_to).resolve()}")
     print("\n".join(lines), flush=True)
 
 
@@ -45,8 +53,15 @@ def check_trainer(trainer: Any) -> None:
     """Trainer settings Lightning would reject with a traceback, or accept and then do nothing."""
     steps = trainer.get("max_steps")
     if isinstance(steps, int) and steps < 1:
-        what = "nothing to train" if steps == 0 else "a negative step count"
-        raise ConfigError("trainer.max_steps", f"must be >= 1 training steps, got {steps} ({what})")
+        # -1 is Lightning's "no step limit": the prompt stream is endless (one epoch never ends), so
+        # such a run would stop only on a signal; a time budget is trainer.max_time beside a step count.
+        what = {0: "nothing to train", -1: "Lightning's 'no limit', but the prompt stream never ends"}.get(
+            steps, "a negative step count"
+        )
+        raise ConfigError(
+            "trainer.max_steps",
+            f"must be >= 1 training steps, got {steps} ({what}); to stop on time as well, add trainer.max_time (e.g. 00:02:00:00)",
+        )
     acc = str(trainer.get("accelerator") or "")
     if acc in ("gpu", "cuda"):
         import torch

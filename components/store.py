@@ -15,13 +15,15 @@ store, creating and migrating a fresh sqlite file). For a local sqlite store it
    A run whose owner is alive, or that ran on another host, is left alone.
 
 The experiment is tagged ``mlflow.experimentKind = custom_model_development`` so that MLflow 3's
-UI opens it on its training runs (not on the GenAI traces overview).
+UI opens it on its training runs (not on the GenAI traces overview), and carries a view of its runs
+page with the held-out evaluation first (:func:`runs_view`, opened by :func:`view_url`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import socket
 import sqlite3
@@ -36,6 +38,21 @@ from components.errors import ConfigError
 FIELD = "trainer.logger.init_args.tracking_uri"
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 OWNER_TAGS = ("curate_rl.host", "curate_rl.pid", "curate_rl.pid_start")
+
+# MLflow's runs page groups charts into sections by metric prefix (the key up to its last "/") and
+# sorts the sections alphabetically, so budget/* (17 charts) comes before eval/*. MLflow 3.17's
+# saved views are experiment tags ``mlflow.sharedViewState.<id>`` holding ``{name, createdAt,
+# updatedAt, state}`` (state: the page's JSON, plain or deflated); they are listed in the runs page's
+# views menu and opened by ``?viewStateShareKey=<id>``. In this one the sections follow
+# SECTION_ORDER; sections not listed are appended after them. (Read from mlflow 3.17.2's
+# server/js bundle: the saved-view envelope and useSharedExperimentViewState.)
+VIEW_KEY = "curate-rl-eval-first"
+VIEW_NAME = "curate-rl: evaluation first"
+VIEW_CREATED_MS = 1767225600000  # fixed (2026-01-01), so the tag's value is the same at every start
+SECTION_ORDER = (
+    "eval", "eval/pass_at_1", "reward", "gate", "signal", "train", "loss", "policy",
+    "health", "rollout", "sampler", "guard", "time", "budget", "Model metrics", "System metrics",
+)  # fmt: skip
 
 
 def sqlite_path(uri: Any) -> Path | None:
@@ -157,6 +174,47 @@ def fail_dead_runs(client: Any, experiment_id: str) -> list[str]:
     return failed
 
 
+def runs_view() -> dict[str, Any]:
+    """The runs page state of :data:`VIEW_KEY`: evaluation first, ``eval/pass_at_1`` as a table column.
+
+    MLflow fills the charts of each section from the runs' metrics (``compareRunCharts`` starts
+    empty) and keeps the sections' order because ``isAccordionReordered`` is set.
+    """
+    sections = [{"uuid": f"curate-rl-{n}", "name": n, "display": True, "isReordered": False} for n in SECTION_ORDER]
+    return {
+        "selectedColumns": ["attributes.`Source`", "attributes.`Models`", "metrics.`eval/pass_at_1`"],
+        "runsExpanded": {},
+        "runsPinned": [],
+        "runsHidden": [],
+        "runsHiddenMode": "FIRST_10_RUNS",
+        "compareRunCharts": [],
+        "compareRunSections": sections,
+        "isAccordionReordered": True,
+        "viewMaximized": False,
+        "runListHidden": False,
+        "groupBy": "",
+        "groupsExpanded": {},
+        "searchFilter": "",
+        "orderByKey": "attributes.start_time",
+        "orderByAsc": False,
+        "startTime": "ALL",
+        "lifecycleFilter": "Active",
+        "modelVersionFilter": "All Runs",
+        "datasetsFilter": [],
+    }
+
+
+def view_url(experiment_id: str, host: str = "http://127.0.0.1:5000") -> str:
+    """The runs page of ``mlflow ui`` (default host and port) in :func:`runs_view`, as charts."""
+    return f"{host}/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}&compareRunsMode=CHART&workflowType=machine_learning"
+
+
+def experiment_tags() -> dict[str, str]:
+    """The tags every experiment of an sqlite store gets: its kind (training) and the saved view."""
+    view = {"name": VIEW_NAME, "createdAt": VIEW_CREATED_MS, "updatedAt": VIEW_CREATED_MS, "state": json.dumps(runs_view())}
+    return {EXPERIMENT_KIND[0]: EXPERIMENT_KIND[1], f"mlflow.sharedViewState.{VIEW_KEY}": json.dumps(view)}
+
+
 def prepare_store(uri: Any, experiment_name: str) -> None:
     """Check, create (or migrate) the store and its experiment under the lock, and fail the runs
     of dead processes; see the module docstring. Non-sqlite stores are left to MLflow."""
@@ -177,11 +235,12 @@ def prepare_store(uri: Any, experiment_name: str) -> None:
             client = MlflowClient(uri)  # opens the store: creates and migrates the schema
             exp = client.get_experiment_by_name(experiment_name)
             if exp is None:
-                exp_id = client.create_experiment(experiment_name, tags=dict([EXPERIMENT_KIND]))
+                exp_id = client.create_experiment(experiment_name, tags=experiment_tags())
             else:
                 exp_id = exp.experiment_id
-                if EXPERIMENT_KIND[0] not in exp.tags:
-                    client.set_experiment_tag(exp_id, *EXPERIMENT_KIND)
+                for key, value in experiment_tags().items():  # an older store gets them (or the new view)
+                    if exp.tags.get(key) != value and not (key == EXPERIMENT_KIND[0] and key in exp.tags):
+                        client.set_experiment_tag(exp_id, key, value)
             failed = fail_dead_runs(client, exp_id)
         except Exception as e:  # a half-migrated or foreign schema, a locked or read-only file
             first = " ".join(str(e).split())[:200]

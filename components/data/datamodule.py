@@ -163,6 +163,16 @@ def default_tasks() -> list[ReasoningGymTask]:
     ]
 
 
+def resolve_tasks(tasks: list[ReasoningGymTask] | None, files: list[Any] | None) -> list[ReasoningGymTask]:
+    """``data.tasks`` as the data module uses it: unset means the default mix, or none beside files.
+
+    The default stays ``None`` rather than the mix itself: jsonargparse merges a later list of the
+    same length into the earlier one element by element, so a recipe's three tasks would inherit
+    the default tasks' unset fields (their prompt template). ``--print_config`` shows this result.
+    """
+    return list(tasks) if tasks is not None else ([] if files else default_tasks())
+
+
 def reasoning_tasks(ops: str = "+-") -> list[ReasoningGymTask]:
     """The ``reasoning`` regime's mix: the dense mix's slices (1/2/3-digit terms, weights 1:3:1,
     tags d1/d2/d3) with worked-steps answers."""
@@ -219,7 +229,7 @@ class PromptDataModule(L.LightningDataModule):
 
     Args:
         tasks: reasoning-gym generators in the mix (weights set their share of the pool); left
-            unset (and no files), the embedded default mix of :func:`default_tasks`.
+            unset, :func:`resolve_tasks`: the embedded default mix, or none beside files.
         files: JSONL / parquet / ``datasets`` sources.
         batch_size: prompts per training step (samplers may draw more, see ``draw``).
         train_size: prompts in the training pool (a fixed pool, so prompts are revisited and
@@ -249,7 +259,7 @@ class PromptDataModule(L.LightningDataModule):
         prefilter: PrefilterConfig | None = None,
     ) -> None:
         super().__init__()
-        self.tasks = list(tasks) if tasks is not None else ([] if files else default_tasks())
+        self.tasks = resolve_tasks(tasks, files)
         self.files = list(files or [])
         if not self.tasks and not self.files:
             raise ConfigError("data.tasks", "no task source given: set data.tasks and/or data.files")

@@ -41,6 +41,15 @@ from components.step.signal_health import log_signal_health
 from components.step.update import OptimizerHooks, Updater, compute_advantages
 from components.types import Prompt
 
+# The shared base's optimizer (recipes/grpo.yaml, "Shared base"), as a value rather than None filled
+# in later, so that ``--print_config`` shows the lr. jsonargparse merges a config's ``init_args``
+# into it, even under another ``class_path``: a config that wants AdamW's own betas or weight decay
+# states them (configs/gpu-1x.yaml).
+DEFAULT_OPTIMIZER: dict[str, Any] = {
+    "class_path": "torch.optim.AdamW",
+    "init_args": {"lr": 1e-4, "betas": [0.9, 0.98], "weight_decay": 0.0},
+}
+
 
 class PolicyModule(L.LightningModule):
     """GRPO-style RL with a swappable sampler, reward, engine, advantage and loss.
@@ -54,7 +63,8 @@ class PolicyModule(L.LightningModule):
         sampling: temperature, top-p and max new tokens of training rollouts.
         advantage: the advantage estimator.
         loss: the policy loss, aggregation, KL and entropy.
-        optimizer: e.g. ``{class_path: torch.optim.AdamW, init_args: {lr: 1e-4}}``.
+        optimizer: a ``torch.optim`` class and its arguments; default :data:`DEFAULT_OPTIMIZER`
+            (AdamW, lr 1e-4, betas 0.9/0.98, no weight decay). Set keys are merged into it.
         ppo_epochs: passes over each generation batch (old log-probs are kept, so ratios are real).
         num_minibatches: optimizer steps per epoch.
         micro_batch_rows: rows per forward/backward (gradient accumulation, exact aggregation).
@@ -83,7 +93,7 @@ class PolicyModule(L.LightningModule):
         sampling: SamplingParams = SamplingParams(),
         advantage: AdvantageConfig = AdvantageConfig(),
         loss: LossConfig = LossConfig(),
-        optimizer: OptimizerCallable | None = None,
+        optimizer: OptimizerCallable | None = DEFAULT_OPTIMIZER,  # a spec; the CLI passes a callable
         ppo_epochs: int = 1,
         num_minibatches: int = 4,
         micro_batch_rows: int = 512,
@@ -152,10 +162,9 @@ class PolicyModule(L.LightningModule):
     # ---- Lightning plumbing -------------------------------------------------------------------
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.policy.parameters() if p.requires_grad]
-        if self.optimizer_fn is None:
-            opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.98), weight_decay=0.0)
-        else:
-            opt = self.optimizer_fn(params)
+        fn = DEFAULT_OPTIMIZER if self.optimizer_fn is None else self.optimizer_fn
+        # The CLI turns a spec into a callable; a module built in Python keeps the default spec.
+        opt = _from_spec(fn, params) if isinstance(fn, dict) else fn(params)
         return _fast_adam(opt)
 
     def configure_model(self) -> None:
@@ -402,6 +411,15 @@ class PolicyModule(L.LightningModule):
             set_rng_state(state["rng"])
         if state.get("engine") and hasattr(self.engine, "load_state_dict"):
             self.engine.load_state_dict(state["engine"])
+
+
+def _from_spec(spec: dict[str, Any], params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """Build ``{class_path, init_args}`` as jsonargparse would (lists become tuples, e.g. betas)."""
+    import importlib
+
+    module, name = spec["class_path"].rsplit(".", 1)
+    args = {k: tuple(v) if isinstance(v, list) else v for k, v in (spec.get("init_args") or {}).items()}
+    return getattr(importlib.import_module(module), name)(params, **args)
 
 
 def _fast_adam(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:

@@ -193,7 +193,16 @@ def test_stop_signal_checkpoints_marks_killed_and_resumes_exactly(parts, tmp_pat
     # one score() call per prompt: 4 held-out at start, 4 per step, 4 held-out after step 2: call 18 is in step 3
     grace = "4" if abandoned else "600"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "components.cli", *args, "--guard.grace_period_s", grace, "--checkpoint.every_n_train_steps", "100"],
+        [
+            sys.executable,
+            "-m",
+            "components.cli",
+            *args,
+            "--guard.grace_period_s",
+            grace,
+            "--checkpoint.every_n_train_steps",
+            "100",
+        ],
         cwd=run_dir,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -371,6 +380,7 @@ def _bad_inputs(d: Path) -> dict[str, tuple[list[str], str]]:
         "greedy-training": (["--model.sampling.temperature", "0"], "model.sampling.temperature"),
         "negative-max-steps": (["--trainer.max_steps", "-5"], "trainer.max_steps: must be >= 1"),
         "zero-max-steps": (["--trainer.max_steps", "0"], "nothing to train"),
+        "unlimited-max-steps": (["--trainer.max_steps", "-1"], "the prompt stream never ends"),
         "text-file-ckpt": (["--ckpt_path", str(d / "notes.txt")], "notes.txt is not a readable checkpoint"),
         "truncated-ckpt": (["--ckpt_path", str(d / "truncated.ckpt")], "truncated.ckpt is not a readable checkpoint"),
         "resume-past-max-steps": (
@@ -548,18 +558,25 @@ def test_runs_started_at_once_in_a_fresh_folder_all_run(tmp_path):
     assert fourth == 0, (tmp_path / "err3.txt").read_text()[-1500:]
     assert _runs(tmp_path / "mlflow.db") == ["FINISHED"] * 4
     # the run's last lines: where its run, checkpoints and final policy are (each run its own folders)
-    summary = (tmp_path / "out3.txt").read_text().splitlines()[-5:]
+    summary = (tmp_path / "out3.txt").read_text().splitlines()[-7:]
     assert summary[0] == "curate-rl: finished at step 1" and summary[1].startswith("  held-out pass@1 ")
     run_id = summary[2].split()[2]
-    ckpts, policy = Path(summary[3].split()[-1]), tmp_path / summary[4].split()[-1]
+    assert summary[3] == f"  open it        mlflow ui --backend-store-uri sqlite:///{tmp_path / 'mlflow.db'}"
+    assert summary[4].endswith(
+        "/#/experiments/1/runs?viewStateShareKey=curate-rl-eval-first&compareRunsMode=CHART&workflowType=machine_learning"
+    )
+    ckpts, policy = Path(summary[5].split()[-1]), Path(summary[6].split()[-1])
     assert ckpts.parent == tmp_path / "checkpoints" and ckpts.name.endswith(run_id[:8]) and (ckpts / "last.ckpt").exists()
-    assert policy.parent.name == ckpts.name and (policy / "model.safetensors").exists()
+    assert policy == tmp_path / "outputs" / ckpts.name / "final_policy" and (policy / "model.safetensors").exists()
     assert len(list((tmp_path / "outputs").iterdir())) == 4
     con = sqlite3.connect(tmp_path / "mlflow.db")
-    kind = con.execute("select value from experiment_tags where key = 'mlflow.experimentKind'").fetchall()
+    tags = dict(con.execute("select key, value from experiment_tags"))
     owners = con.execute("select count(distinct value) from tags where key = 'curate_rl.pid'").fetchone()[0]
     con.close()
-    assert kind == [("custom_model_development",)] and owners == 4
+    assert tags["mlflow.experimentKind"] == "custom_model_development" and owners == 4
+    view = json.loads(tags["mlflow.sharedViewState.curate-rl-eval-first"])  # MLflow's saved-view envelope
+    sections = [s["name"] for s in json.loads(view["state"])["compareRunSections"]]
+    assert sections[:2] == ["eval", "eval/pass_at_1"] and sections.index("budget") > sections.index("reward")
 
 
 def _store_cases(d: Path) -> dict[str, bytes]:
@@ -652,11 +669,29 @@ def test_a_default_fit_prints_no_third_party_warnings_and_ends_with_its_summary(
         timeout=600,
     )
     assert res.returncode == 0, res.stderr[-3000:]
-    noisy = [ln for ln in res.stderr.splitlines() if "Warning" in ln or "warn" in ln.lower() or "Tip:" in ln or ".py:" in ln]
+    # nothing on stderr but our own lines: no warning, no Lightning tip, device or end-of-fit info
+    noisy = [ln for ln in res.stderr.splitlines() if ln.strip() and not ln.startswith("curate-rl:")]
     assert not noisy, noisy
     bar = [ln for ln in res.stdout.splitlines() if ln.startswith("step ")]
     assert bar and "3/3" in bar[-1] and "pass@1:" in bar[-1] and "reward:" in bar[-1]
     assert "Epoch" not in res.stdout and "v_num" not in res.stdout
     assert all(len(ln) <= 120 for ln in res.stdout.splitlines() if "━" in ln)
-    last = res.stdout.strip().splitlines()[-3:]
-    assert last[0].startswith("  MLflow run ") and last[1].startswith("  checkpoints ") and last[2].startswith("  final policy ")
+    last = res.stdout.strip().splitlines()[-5:]
+    assert [ln.split()[0] for ln in last] == ["MLflow", "open", "eval", "checkpoints", "final"]
+    # a resume says on one line of its own which run, step and file it continues (Lightning's
+    # restore lines are silenced), and the run goes on in the same MLflow run
+    (ckpt,) = (tmp_path / "checkpoints").glob("*/last.ckpt")
+    step = torch.load(ckpt, weights_only=True)["global_step"]  # the last step checkpoint (every 2 steps)
+    res2 = subprocess.run(
+        [sys.executable, "-m", "components.cli", *args, "--trainer.max_steps", "4", "--checkpoint.every_n_train_steps", "2"]
+        + ["--ckpt_path", str(ckpt)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res2.returncode == 0, res2.stderr[-3000:]
+    run_id = last[0].split()[2]
+    assert res2.stderr.splitlines() == [f"curate-rl: resuming MLflow run {run_id} at step {step} from {ckpt}"]
+    assert res2.stdout.strip().splitlines()[-5].split()[2] == run_id and _runs(tmp_path / "mlflow.db") == ["FINISHED"]

@@ -182,3 +182,15 @@ def test_tuning_split_refuses_files_and_unknown_names(tmp_path):
         PromptDataModule(tasks=[], files=[FileTask(str(f))], heldout_split="tune")
     with pytest.raises(ConfigError, match="'test', 'tune'"):
         PromptDataModule(heldout_split="dev")
+
+
+def test_unset_tasks_are_the_default_mix_or_none_beside_files(tmp_path):
+    from components.data.datamodule import resolve_tasks
+
+    assert resolve_tasks(None, None) == default_tasks() and resolve_tasks(None, []) == default_tasks()
+    assert resolve_tasks(None, [FileTask("x.jsonl")]) == []
+    mine = [ReasoningGymTask("chain_sum", tag="mine")]
+    assert resolve_tasks(mine, [FileTask("x.jsonl")]) == mine
+    f = tmp_path / "d.jsonl"
+    f.write_text("".join(json.dumps({"prompt": f"{i} + 1 =", "answer": str(i + 1)}) + "\n" for i in range(8)))
+    assert PromptDataModule(files=[FileTask(str(f))]).tasks == []
