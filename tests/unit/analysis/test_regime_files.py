@@ -200,3 +200,26 @@ def test_resume_refuses_runs_made_from_a_rebuilt_model_or_edited_data(tmp_path):
     model.save_pretrained(folder)  # the model rebuilt at the same path
     with pytest.raises(ValueError, match=f"other inputs than this run would read \\(model {folder}"):
         plan([spec], [run], "a", settings, tmp_path, extra)
+
+
+def test_the_claims_table_names_each_row_by_its_regime_column(tmp_path, capsys):
+    import csv
+
+    claims = _script("claims")
+    final = "eval/pass_at_1:final"
+    base = {"variant": "", "n_seeds": "5", f"{final}_mean": "0.30", f"{final}_std": "0.01", "control": ""}
+    rows = [
+        {**base, "recipe": "grpo", "regime": "columns"},
+        {**base, "recipe": "dr_grpo", "control": "grpo", "regime": "columns"},
+        {**base, "recipe": "grpo_n4", "regime": ""},  # a report from before the column: the variant, else dense
+        {**base, "recipe": "ada_est", "control": "grpo_n4", "regime": ""},
+    ]
+    report = tmp_path / "a" / "report"
+    report.mkdir(parents=True)
+    with (report / "table.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    assert claims.main(["a", "--out", str(tmp_path)]) == 0
+    out = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ") and "`" in ln]
+    assert [ln.split(" | ")[0] for ln in out] == ["| columns", "| dense"]
