@@ -20,8 +20,11 @@ the spec, its hash, the seed, the steps, the data and the stopping evaluation.
 SAGE's form (:mod:`components.samplers.sage`): the prompt becomes ``{problem}\nHere is a hint to
 help you:\n{hint}`` with the hint a partial solution (:class:`~components.samplers.hints.PrefixHint`
 of level 1..``hint_levels``, uniformly: the first l/(L+1) of the worked reference, or of the answer
-on a plain mix; never all of it), and the target stays the whole answer. A model built so has read
-hints before RL, so SAGE's premise (a hinted group gets a success) can hold.
+on a plain mix; never all of it). The target is the whole answer (``hint_target: whole``) or, for a
+worked answer whose verifier reads only what follows the answer marker, the rest of the solution
+after the hint (``hint_target: rest``: the model continues the partial solution it was given, so a
+longer hint leaves less to derive). A model built so has read hints before RL, so SAGE's premise (a
+hinted group gets a success) can hold.
 """
 
 from __future__ import annotations
@@ -71,6 +74,8 @@ class WarmStartSpec:
         max_steps, batch_size, lr, eval_every, eval_items, eval_samples, seed: the SFT run.
         hint_share: share of training examples given a SAGE-form hint (0: none).
         hint_levels: the hint levels drawn (SAGE's L = 3).
+        hint_target: ``whole`` (the full answer after a hint) or ``rest`` (the solution after the
+            hint, on worked answers with an answer marker; the whole answer elsewhere).
     """
 
     tasks: list[ReasoningGymTask]
@@ -91,6 +96,7 @@ class WarmStartSpec:
     extra: dict = field(default_factory=dict)  # free-form notes that should change the cache key
     hint_share: float = 0.0
     hint_levels: int = 3
+    hint_target: str = "whole"
 
     def validate(self) -> None:
         if self.model_size not in MODEL_SIZES:
@@ -108,6 +114,8 @@ class WarmStartSpec:
             raise ConfigError("warm_start.hint_share", f"must be in [0, 1], got {self.hint_share}")
         if self.hint_levels < 1:
             raise ConfigError("warm_start.hint_levels", f"must be >= 1, got {self.hint_levels}")
+        if self.hint_target not in ("whole", "rest"):
+            raise ConfigError("warm_start.hint_target", f"must be one of ['whole', 'rest'], got {self.hint_target!r}")
 
     def key(self) -> str:
         """A hash of everything that determines the trained model (the cache key of a regime).
@@ -121,7 +129,7 @@ class WarmStartSpec:
         return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-_LATER_FIELDS = {"hint_share": 0.0, "hint_levels": 3}
+_LATER_FIELDS = {"hint_share": 0.0, "hint_levels": 3, "hint_target": "whole"}
 
 
 def new_model(size: str, max_positions: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -161,6 +169,18 @@ def measure_pass_rates(
 
 def _target_ids(tok: PreTrainedTokenizerBase, p: Any) -> list[int]:
     return tok(target_text(p), add_special_tokens=False).input_ids + [tok.eos_token_id]
+
+
+def _target_after(tok: PreTrainedTokenizerBase, p: Prompt, hint: str, mode: str) -> list[int]:
+    """The target after a hint: the whole answer, or (``rest``, on a worked reference with an answer
+    marker, of which the hint is a prefix) the solution's remainder after the hint, then EOS. A hint
+    that cuts into the marker keeps the whole answer: the verifier reads the completion only, so the
+    completion must hold the whole marker."""
+    ref = (p.reference or "").strip()
+    rest = ref[len(hint) :] if ref.startswith(hint) else ""
+    if mode == "whole" or not p.answer_marker or p.answer_marker not in rest:
+        return _target_ids(tok, p)
+    return tok(rest, add_special_tokens=False).input_ids + [tok.eos_token_id]
 
 
 def hinted_text(prompt: Prompt, hint: str, template: str = DEFAULT_TEMPLATE) -> str:
@@ -246,12 +266,15 @@ def warm_start(spec: WarmStartSpec, out: str | Path, log: Callable[[str], None] 
     hint_rng = torch.Generator().manual_seed(spec.seed + 2)  # which examples get a hint, and which level
     hints = {p.uid: prompt_hints(p, spec.hint_levels) for p in dm.train_pool.prompts} if spec.hint_share else {}
 
-    def context(p: Prompt) -> list[int]:
+    def example(p: Prompt) -> tuple[list[int], list[int]]:
+        """(context, target) token ids: the bare prompt and answer, or, for a share, a hinted one."""
         h = hints.get(p.uid)
         if not h or float(torch.rand((), generator=hint_rng)) >= spec.hint_share:
-            return encode_prompt(tok, p.text)
+            return encode_prompt(tok, p.text), _target_ids(tok, p)
         level = int(torch.randint(1, spec.hint_levels + 1, (), generator=hint_rng))
-        return encode_prompt(tok, hinted_text(p, h[level])) if level in h else encode_prompt(tok, p.text)
+        if level not in h:
+            return encode_prompt(tok, p.text), _target_ids(tok, p)
+        return encode_prompt(tok, hinted_text(p, h[level])), _target_after(tok, p, h[level], spec.hint_target)
 
     longest = max(len(_target_ids(tok, p)) for p in [*dm.train_pool.prompts, *eval_dm.heldout])
     max_new = spec.max_new_tokens or longest + 8
@@ -271,7 +294,7 @@ def warm_start(spec: WarmStartSpec, out: str | Path, log: Callable[[str], None] 
     def batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         seqs, masks = [], []
         for p in dm.draw(spec.batch_size):
-            ctx, ans = context(p), _target_ids(tok, p)
+            ctx, ans = example(p)
             seqs.append(ctx + ans)
             masks.append([0] * len(ctx) + [1] * len(ans))
         width = max(len(s) for s in seqs)

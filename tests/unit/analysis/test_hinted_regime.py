@@ -58,3 +58,22 @@ def test_the_hinted_regime_file_builds_a_model_whose_context_fits_a_level_3_hint
     small = dataclasses.replace(spec, max_steps=0, train_pool=2000, eval_items=8)
     warm_start(small, tmp_path / "m", log=lambda s: None)
     assert (tmp_path / "m" / "config.json").exists()
+
+
+def test_with_hint_target_rest_the_target_continues_the_partial_solution():
+    from components.analysis.warm_start import _target_after, _target_ids
+
+    _, tok = load_policy("embedded:tiny")
+    cut_marker = 0
+    for p in _pool(200).train_pool.prompts:
+        ref = p.reference.strip()
+        for hint in prompt_hints(p, 3).values():
+            rest = tok.decode(_target_after(tok, p, hint, "rest")[:-1])
+            if ANSWER_MARKER in ref[len(hint) :]:
+                assert hint + rest == ref  # the hint, then the rest of the solution: the verifier reads the end
+            else:  # the hint cut into the marker: the completion must still hold all of it
+                cut_marker += 1
+                assert _target_after(tok, p, hint, "rest") == _target_ids(tok, p)
+            assert _target_after(tok, p, hint, "whole") == _target_ids(tok, p)
+    assert cut_marker > 0  # short 1-digit references at level 3
+    assert _tiny(hint_target="whole").key() == _tiny().key() != _tiny(hint_target="rest").key()
