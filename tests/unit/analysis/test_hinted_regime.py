@@ -53,7 +53,12 @@ def test_a_hinted_warm_start_trains_on_hinted_prompts_and_measures_each_level(tm
 def test_the_hinted_regime_file_builds_a_model_whose_context_fits_a_level_3_hint(tmp_path):
     reg = REGIMES["hinted"]
     spec = reg.warm_start
-    assert spec.hint_share == 0.3 and spec.max_positions == 192 and reg.tasks == spec.tasks == reasoning_tasks()
+    assert (
+        spec.hint_share == 0.6
+        and spec.hint_target == "rest"
+        and spec.max_positions == 192
+        and reg.tasks == spec.tasks == reasoning_tasks()
+    )
     # The width check of a real build (every hinted training prompt plus the answer fits), without training.
     small = dataclasses.replace(spec, max_steps=0, train_pool=2000, eval_items=8)
     warm_start(small, tmp_path / "m", log=lambda s: None)
