@@ -29,7 +29,13 @@ Resume: the ablation id defaults to a hash of the settings (budget, step limit, 
 the recipes or seeds, so re-running the same command skips every run already FINISHED in MLflow
 (same ablation id, recipe, overlays, seed and recipe file contents) and redoes runs left RUNNING
 (killed) or FAILED; a recipe added to recipes/ later joins the same ablation. Do not run two
-ablate.py processes on one ablation at once.
+ablate.py processes on one ablation at once. Each run also records a fingerprint of what it read
+besides its config files (``ablation_inputs_sha``: the config and weight files of the model it
+loaded, and every file or folder named after ``--``): rebuilding a model at the same path, or
+editing a data file, and re-running refuses with one line naming the changed inputs instead of
+resuming onto runs made from the old ones (use another ``--ablation-id``). Each run is tagged with
+the regime it ran in (``ablation_regime``: its ``--regime`` files, else the regime file whose mix
+and model equal the run's, else ``custom (...)``), which the report and the claims table print.
 
 Embedded benchmark sizing (``--preset embedded``): measured 2026-11-23 on the project's 2-core
 machine, otherwise idle, two single-thread runs side by side (``--jobs 2``), on the embedded default
@@ -61,6 +67,7 @@ import sys
 import time
 from pathlib import Path
 
+from components.analysis.claims import comparisons_needed, premise_metrics
 from components.analysis.comparison import summarize
 from components.analysis.cost_axes import PASS_AT_1, Budget
 from components.analysis.mlflow_io import ablation_runs, load_results, resolve_tracking_uri
@@ -214,7 +221,7 @@ def run_ablation(args: argparse.Namespace, client, exp_id: str, settings: str) -
     ]
     existing = ablation_runs(client, [exp_id], args.ablation_id)
     try:
-        planned = plan(specs, existing, args.ablation_id, settings, ROOT)
+        planned = plan(specs, existing, args.ablation_id, settings, ROOT, args.extra)
     except ValueError as e:
         raise SystemExit(f"ablate: {e}") from None
     for note in planned.notes:
@@ -272,7 +279,7 @@ def run_ablation(args: argparse.Namespace, client, exp_id: str, settings: str) -
 def report(args: argparse.Namespace, client, exp_id: str) -> None:
     runs = ablation_runs(client, [exp_id], args.ablation_id)
     metrics = [PASS_AT_1] + ([f"{PASS_AT_1}/{args.slice}"] if args.slice else [])
-    results = load_results(client, runs, metrics)
+    results = load_results(client, runs, metrics, premise_metrics())
     if not results:
         print(f"ablate: no finished runs for ablation {args.ablation_id!r} in experiment {args.experiment!r}")
         return
@@ -297,6 +304,7 @@ def report(args: argparse.Namespace, client, exp_id: str) -> None:
         target=args.target,
         slice_metric=metrics[1] if args.slice else None,
         controls=controls,
+        comparisons=comparisons_needed(controls),
     )
     name = args.ablation_id or args.experiment
     title = f"Ablation {name}" if args.ablation_id else f"Experiment {name}"

@@ -142,6 +142,7 @@ class ControlComparison:
     start: float = math.nan  # the control's mean pass@1 at its first evaluation (step 0)
     start_std: float = math.nan  # its sample std over the control's seeds
     ratio_interval: dict[str, tuple[float, float]] = field(default_factory=dict)  # axis -> 95% bootstrap (low, high)
+    target_kind: str = "final"  # final: the control's final mean pass@1; peak: the top of its mean curve
 
     def ratio(self, axis: str) -> float | None:
         """Cost to the target over the control's (< 1: the recipe gets there cheaper)."""
@@ -166,6 +167,10 @@ class Row:
     optimizer_steps: float = math.nan
     forwarded_tokens: float = math.nan
     control: ControlComparison | None = None
+    # Comparisons a claim needs besides ``control`` (another control, or the control's peak).
+    comparisons: list[ControlComparison] = field(default_factory=list)
+    regime: str = ""  # the regime the runs were in (their ``ablation_regime`` tag; '' when not recorded)
+    premise: dict[str, tuple[float, float]] = field(default_factory=dict)  # metric -> (max, mean) over seeds
 
     @property
     def label(self) -> str:
@@ -210,12 +215,35 @@ def cost_to_target(curves: Sequence[Curve], target: float, axis: str, grid: np.n
     return x_at(grid, crossing(mean_curve(curves, axis, grid)["mean"], target))
 
 
-def ratio_bootstrap(
-    cur: Sequence[Curve], ctl: Sequence[Curve], axis: str, grid: np.ndarray, resamples: int = 1000, seed: int = 0
-) -> tuple[float, float]:
-    """95% percentile interval of the cost ratio to the control's final, resampling each arm's seeds.
+TARGET_KINDS = ("final", "peak")
 
-    Each resample recomputes the estimator itself: the control's mean final (the target), then each
+
+def control_target(curves: Sequence[Curve], kind: str = "final") -> float:
+    """What a cost is measured to: the control's mean final pass@1 (``final``), or the top of its
+    mean-over-seeds curve (``peak``: the best eval of the mean run, as PODS states its claim; evals sit
+    at the same steps in every seed, so the mean is taken point by point on the steps axis)."""
+    if kind not in TARGET_KINDS:
+        raise ValueError(f"target kind must be one of {TARGET_KINDS}, got {kind!r}")
+    if kind == "final":
+        return float(np.mean([c.values[-1] for c in curves]))
+    axis = "steps" if all(c.has("steps") for c in curves) else "tokens"
+    grid = np.unique(np.concatenate([c.x(axis) for c in curves]))
+    return float(mean_curve(curves, axis, grid)["mean"].max())
+
+
+def ratio_bootstrap(
+    cur: Sequence[Curve],
+    ctl: Sequence[Curve],
+    axis: str,
+    grid: np.ndarray,
+    resamples: int = 1000,
+    seed: int = 0,
+    target_kind: str = "final",
+) -> tuple[float, float]:
+    """95% percentile interval of the cost ratio to the control's final (or peak), resampling each
+    arm's seeds.
+
+    Each resample recomputes the estimator itself: the control's mean final or peak (the target), then each
     arm's mean-over-seeds curve and where it first reaches that target. A resampled method that never
     reaches it costs infinity; a resampled control already at its target at the start (cost 0) leaves
     that draw undefined (dropped)."""
@@ -224,7 +252,7 @@ def ratio_bootstrap(
     for _ in range(resamples):
         m = [cur[i] for i in rng.integers(len(cur), size=len(cur))]
         c = [ctl[i] for i in rng.integers(len(ctl), size=len(ctl))]
-        target = float(np.mean([x.values[-1] for x in c]))
+        target = control_target(c, target_kind)
         num, den = cost_to_target(m, target, axis, grid), cost_to_target(c, target, axis, grid)
         draws.append(math.nan if not den else (math.inf if num is None else num / den))
     iv = percentile_interval(math.nan, draws)
@@ -232,15 +260,21 @@ def ratio_bootstrap(
 
 
 def compare_to_control(
-    runs: Sequence[RunResult], control_runs: Sequence[RunResult], control: str, budget: Budget, grids: dict[str, np.ndarray]
+    runs: Sequence[RunResult],
+    control_runs: Sequence[RunResult],
+    control: str,
+    budget: Budget,
+    grids: dict[str, np.ndarray],
+    target_kind: str = "final",
 ) -> ControlComparison:
-    """The :class:`ControlComparison` of ``runs`` (one recipe's seeds) against ``control_runs``."""
+    """The :class:`ControlComparison` of ``runs`` (one recipe's seeds) against ``control_runs``, the
+    cost measured to the control's final (``target_kind`` final) or peak."""
     cur = [r.curves[PASS_AT_1] for r in runs if PASS_AT_1 in r.curves and len(r.curves[PASS_AT_1].values)]
     ctl = [r.curves[PASS_AT_1] for r in control_runs if PASS_AT_1 in r.curves and len(r.curves[PASS_AT_1].values)]
     nan = math.nan
     if not cur or not ctl:
-        return ControlComparison(control, None, {}, {}, 0, len(cur), nan, nan)
-    target = float(np.mean([c.values[-1] for c in ctl]))
+        return ControlComparison(control, None, {}, {}, 0, len(cur), nan, nan, target_kind=target_kind)
+    target = control_target(ctl, target_kind)
     axes = [a for a in grids if all(c.has(a) for c in cur + ctl)]
     mine_auc = np.mean([auc(c.x(budget.kind), c.values, budget.value) for c in cur])
     ctl_auc = np.mean([auc(c.x(budget.kind), c.values, budget.value) for c in ctl])
@@ -251,11 +285,12 @@ def compare_to_control(
         control_cost={a: cost_to_target(ctl, target, a, grids[a]) for a in axes},
         seeds_reached=sum(crossing(c.values, target) is not None for c in cur),
         n_seeds=len(cur),
-        final_delta=float(np.mean([c.values[-1] for c in cur]) - target),
+        final_delta=float(np.mean([c.values[-1] for c in cur]) - np.mean([c.values[-1] for c in ctl])),
         auc_delta=float(mine_auc - ctl_auc),
         start=float(np.mean([c.values[0] for c in ctl])),
         start_std=mean_std([float(c.values[0]) for c in ctl])[1],
-        ratio_interval={a: ratio_bootstrap(cur, ctl, a, grids[a]) for a in axes},
+        ratio_interval={a: ratio_bootstrap(cur, ctl, a, grids[a], target_kind=target_kind) for a in axes},
+        target_kind=target_kind,
     )
 
 
@@ -266,8 +301,13 @@ def summarize(
     target: float | None = None,
     slice_metric: str | None = None,
     controls: dict[str, str] | None = None,
+    comparisons: dict[str, Sequence[tuple[str, str]]] | None = None,
 ) -> list[Row]:
     """One row per (variant, recipe), baseline first in each variant.
+
+    ``comparisons`` maps a recipe name to further ``(control, target kind)`` pairs its claims are
+    judged on (another control than its matched one, or the control's peak): each that ran in the
+    same variant is added to the row's ``comparisons``.
 
     ``controls`` maps a recipe name to its matched control's name (see
     :func:`components.analysis.recipe_header.controls_by_name`); a row whose control ran in the same
@@ -321,6 +361,8 @@ def summarize(
                 steps=float(np.mean([r.final_steps for r in rs])),
                 optimizer_steps=mean_std([r.optimizer_steps for r in rs])[0],
                 forwarded_tokens=mean_std([r.forwarded_tokens for r in rs])[0],
+                regime=next((r.regime for r in rs if r.regime), ""),
+                premise=_premise(rs),
             ))  # fmt: skip
         base_row = next((r for r in rows if r.variant == variant and r.is_baseline), None)
         for row in (r for r in rows if r.variant == variant):
@@ -332,4 +374,16 @@ def summarize(
             ctl = (controls or {}).get(row.recipe)
             if ctl is not None and ctl != row.recipe and (variant, ctl) in groups:
                 row.control = compare_to_control(groups[(variant, row.recipe)], groups[(variant, ctl)], ctl, budget, grids)
+            for other, kind in (comparisons or {}).get(row.recipe, ()):
+                if (other, kind) != (ctl, "final") and other != row.recipe and (variant, other) in groups:
+                    row.comparisons.append(
+                        compare_to_control(groups[(variant, row.recipe)], groups[(variant, other)], other, budget, grids, kind)
+                    )
     return rows
+
+
+def _premise(runs: Sequence[RunResult]) -> dict[str, tuple[float, float]]:
+    """Per premise metric: the max over seeds of each run's max, and the mean over seeds of its mean."""
+    keys = dict.fromkeys(k for r in runs for k in r.premise)
+    return {k: (max(r.premise[k][0] for r in runs if k in r.premise),
+                float(np.mean([r.premise[k][1] for r in runs if k in r.premise]))) for k in keys}  # fmt: skip

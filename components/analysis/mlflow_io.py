@@ -18,7 +18,7 @@ import math
 import sys
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +135,8 @@ class RunResult:
     final_steps: float = math.nan  # training steps (generation batches)
     optimizer_steps: float = math.nan  # optimizer updates (``budget/cum_optimizer_steps``), NaN if not logged
     forwarded_tokens: float = math.nan  # tokens forwarded through the policy, NaN if not logged
+    regime: str | None = None  # the ``ablation_regime`` tag (None: a run made before it was recorded)
+    premise: dict[str, tuple[float, float]] = field(default_factory=dict)  # metric -> (max, mean): premise_summary
 
     @property
     def group(self) -> tuple[str, str]:
@@ -165,8 +167,27 @@ def step_histories(client: Any, rid: str) -> dict[str, History]:
     return out
 
 
-def load_result(client: Any, run: Any, metrics: Sequence[str] = (PASS_AT_1,)) -> RunResult:
-    """Read one run's curves (``get_metric_history``) and summary numbers."""
+def premise_summary(client: Any, rid: str, keys: Sequence[tuple[str, str | None]]) -> dict[str, tuple[float, float]]:
+    """(max, mean) over the logged steps of each ``(metric, weight)`` of ``keys`` the run logged (a
+    claim's premise check). With a ``weight`` metric (e.g. ``hint/used_level_1``, the prompts drawn
+    at that level) only steps where it is > 0 count and the mean is weighted by it: the step means
+    pool into the run's mean over what was drawn, not over steps where nothing was."""
+    out = {}
+    for key, weight in keys:
+        h = {s: v for s, _, v in history(client, rid, key) if not math.isnan(v)}
+        w = {s: 1.0 for s in h} if weight is None else {s: v for s, _, v in history(client, rid, weight) if v > 0}
+        pts = [(h[s], w[s]) for s in sorted(h) if s in w]
+        if pts:
+            out[key] = (max(v for v, _ in pts), sum(v * x for v, x in pts) / sum(x for _, x in pts))
+        elif h:
+            out[key] = (0.0, 0.0) if weight is not None else (math.nan, math.nan)  # logged, never drawn
+    return out
+
+
+def load_result(
+    client: Any, run: Any, metrics: Sequence[str] = (PASS_AT_1,), premise_metrics: Sequence[tuple[str, str | None]] = ()
+) -> RunResult:
+    """Read one run's curves (``get_metric_history``), summary numbers and the premise metrics' summaries."""
     rid, tags = run.info.run_id, run.data.tags
     cum = step_histories(client, rid)
     if not cum["tokens"]:
@@ -202,16 +223,23 @@ def load_result(client: Any, run: Any, metrics: Sequence[str] = (PASS_AT_1,)) ->
         final_steps=float(len(cum["tokens"])),
         optimizer_steps=last.get(CUM_OPT_STEPS, math.nan),
         forwarded_tokens=forwarded,
+        regime=tags.get("ablation_regime"),
+        premise=premise_summary(client, rid, premise_metrics),
     )
 
 
-def load_results(client: Any, runs: Iterable[Any], metrics: Sequence[str] = (PASS_AT_1,)) -> list[RunResult]:
+def load_results(
+    client: Any,
+    runs: Iterable[Any],
+    metrics: Sequence[str] = (PASS_AT_1,),
+    premise_metrics: Sequence[tuple[str, str | None]] = (),
+) -> list[RunResult]:
     """Finished runs only (runs that logged no budget are skipped with a note); for a repeated
     (variant, recipe, seed) the latest run wins."""
     latest: dict[tuple[str, str, str], RunResult] = {}
     for r in sorted((r for r in runs if r.info.status == "FINISHED"), key=lambda r: r.info.start_time):
         try:
-            res = load_result(client, r, metrics)
+            res = load_result(client, r, metrics, premise_metrics)
         except ValueError as e:
             print(f"note: skipped: {e}", file=sys.stderr)
             continue

@@ -7,7 +7,8 @@ variant, ``# authors variant of: recipes/x.yaml``) runs composed after the recip
 :class:`~components.callbacks.budget.BudgetCap` and points the MLflow logger at the ablation with the
 tags ``ablation_id``, ``recipe``, ``seed``, ``ablation_key`` (identity of the run) and ``kind=train``.
 :func:`plan` decides which specs still need running: a spec whose run is ``FINISHED`` is skipped;
-one left ``RUNNING``/``FAILED``/``KILLED`` is redone.
+one left ``RUNNING``/``FAILED``/``KILLED`` is redone, and a finished run whose inputs changed (the
+model folder it loaded, a data file passed after ``--``: :func:`inputs_fingerprint`) is refused.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from components.analysis.cost_axes import Budget
 from components.analysis.recipe_header import recipe_header
 
 BUDGET_CAP = "components.callbacks.budget.BudgetCap"
+ASSETS = Path(__file__).resolve().parents[1] / "assets"  # where embedded:<name> models live
+_WEIGHTS = ("config.json", "*.safetensors", "*.bin", "*.gguf")  # what identifies a model folder
 
 
 def stem(path: str) -> str:
@@ -127,6 +130,51 @@ def _resolve(path: str, root: Path | None) -> Path:
     return p if p.is_absolute() or root is None else root / p
 
 
+def _hash_path(h: Any, path: Path, patterns: Sequence[str] = ("*",)) -> None:
+    """Feed a file's bytes, or a folder's matching files (sorted, recursive, names and bytes), into ``h``."""
+    if path.is_file():
+        h.update(path.read_bytes())
+        return
+    files = sorted({f for pat in patterns for f in path.rglob(pat) if f.is_file() and not f.name.startswith(".")})
+    for f in files:
+        h.update(str(f.relative_to(path)).encode())
+        h.update(f.read_bytes())
+
+
+def model_folder(ref: str) -> Path | None:
+    """The local folder of a ``model.model`` value (``embedded:<name>`` or a path), None for a hub id."""
+    if ref.startswith("embedded:"):
+        p = ASSETS / ref.removeprefix("embedded:")
+        return p if p.is_dir() else None
+    p = Path(ref)
+    return p if p.exists() else None
+
+
+def inputs_fingerprint(configs: Sequence[str | Path], extra_args: Sequence[str] = ()) -> tuple[str, str]:
+    """A hash of what a run reads besides its config files, and what it covered: the model it loads
+    (``model.model`` from the configs, then ``extra_args``: its config and weight files) and every
+    file or folder named in ``extra_args`` (data passed after ``--``). Relative paths mean what they
+    mean in the working directory, as for the runs. Rebuilding a model at the same path, or editing
+    a data file, changes it."""
+    from components.analysis.regimes import effective_mix_and_model  # torch-heavy: only when planning
+
+    _, model = effective_mix_and_model(configs, extra_args)
+    h = hashlib.sha1()
+    folder = model_folder(str(model))
+    what = [f"model {model}"]
+    h.update(str(model).encode())
+    if folder is not None:
+        _hash_path(h, folder, _WEIGHTS)
+    for a in extra_args:
+        value = a.split("=", 1)[1] if a.startswith("--") and "=" in a else a
+        p = Path(value)
+        if not value.startswith("-") and p.exists() and p.resolve() != (folder.resolve() if folder else None):
+            h.update(value.encode())
+            _hash_path(h, p)
+            what.append(value)
+    return h.hexdigest()[:12], ", ".join(what)
+
+
 def settings_of(budget: Budget, extra_args: Sequence[str], max_steps: int) -> str:
     """Everything that must be equal across the runs of one ablation, as a canonical string."""
     return json.dumps({"budget": str(budget), "extra_args": list(extra_args), "max_steps": max_steps}, sort_keys=True)
@@ -199,8 +247,14 @@ def fit_command(
         "--trainer.logger", json.dumps(logger),
         "--trainer.enable_progress_bar", "false",
     ]  # fmt: skip
+    from components.analysis.regimes import regime_label
+
+    configs = [_resolve(p, root) for p in spec.configs]
+    tags = spec.tags(ablation_id, settings, root)
+    tags["ablation_inputs_sha"] = inputs_fingerprint(configs, extra_args)[0]
+    tags["ablation_regime"] = regime_label(configs, extra_args, spec.regime)
     env = {
-        "MLFLOW_RUN_CONTEXT": json.dumps(spec.tags(ablation_id, settings, root)),
+        "MLFLOW_RUN_CONTEXT": json.dumps(tags),
         "OMP_NUM_THREADS": "1",
         "MKL_NUM_THREADS": "1",
     }
@@ -215,13 +269,22 @@ class Plan:
     notes: list[str] = field(default_factory=list)
 
 
-def plan(specs: Sequence[RunSpec], runs: Iterable[Any], ablation_id: str, settings: str, root: Path | None = None) -> Plan:
+def plan(
+    specs: Sequence[RunSpec],
+    runs: Iterable[Any],
+    ablation_id: str,
+    settings: str,
+    root: Path | None = None,
+    extra_args: Sequence[str] = (),
+) -> Plan:
     """Which specs still need a run. ``runs`` are MLflow ``Run`` objects of this ablation.
 
     A spec is done when a ``FINISHED`` run has its ``ablation_key`` and the same recipe/overlay
     file contents; any other state (``RUNNING`` from a killed process, ``FAILED``, ``KILLED``) is
     redone. Raises ``ValueError`` when finished runs of this ablation used other settings (budget,
-    extra arguments): such runs are not comparable, use another ablation id.
+    extra arguments), or read other inputs (:func:`inputs_fingerprint` of the spec's configs and
+    ``extra_args``: a model rebuilt at the same path, an edited data file): such runs are not
+    comparable, use another ablation id. Runs made before the fingerprint was recorded are kept.
     """
     by_key: dict[str, list[Any]] = defaultdict(list)
     for r in runs:
@@ -240,7 +303,16 @@ def plan(specs: Sequence[RunSpec], runs: Iterable[Any], ablation_id: str, settin
         runs_of = by_key.get(spec.key, [])
         finished = [r for r in runs_of if r.info.status == "FINISHED"]
         sha = spec.files_sha(root)
-        if any(r.data.tags.get("ablation_files_sha") == sha for r in finished):
+        same = [r for r in finished if r.data.tags.get("ablation_files_sha") == sha]
+        if same:
+            fp, what = inputs_fingerprint([_resolve(p, root) for p in spec.configs], extra_args)
+            old = same[-1].data.tags.get("ablation_inputs_sha")
+            if old is not None and old != fp:
+                raise ValueError(
+                    f"ablation {ablation_id!r}: {spec.label} seed {spec.seed} finished (run {same[-1].info.run_id}) on "
+                    f"other inputs than this run would read ({what}: fingerprint {old}, now {fp}); a model rebuilt "
+                    "at the same path or an edited data file is not the same run. Use another --ablation-id."
+                )
             out.done.append(spec)
             continue
         if finished:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from components.analysis.comparison import Row, start_mismatches
+from components.analysis.comparison import ControlComparison, Row, start_mismatches
 from components.analysis.cost_axes import AXES, AXIS_NAMES, Budget, metric_label
 from components.analysis.curves import PLOT_METRICS, health_series, plot, plot_signal_health
 from components.analysis.mlflow_io import RunResult
@@ -132,58 +132,85 @@ def control_table(rows: Sequence[Row]) -> list[str]:
     return [*lines, ""]
 
 
+def _num(x: float | None) -> str:
+    return "" if x is None or math.isnan(x) else repr(float(x))
+
+
+CONTROL_COLUMNS = (
+    ["control", "control_target", "control_seeds_reached", "control_final_delta", "control_auc_delta"]
+    + [f"{a}_to_control_target{suf}" for a in AXES for suf in ("", "_control", "_ratio", "_ratio_low", "_ratio_high")]
+    + ["control_start", "control_start_std"]
+)
+
+
+def _control_cells(c: ControlComparison | None) -> list[Any]:
+    if c is None:
+        return [""] * len(CONTROL_COLUMNS)
+    cells: list[Any] = [c.control, _num(c.target), c.seeds_reached, _num(c.final_delta), _num(c.auc_delta)]
+    for a in AXES:
+        low, high = c.ratio_interval.get(a, (None, None))
+        cells += [_num(v) for v in (c.cost.get(a), c.control_cost.get(a), c.ratio(a), low, high)]
+    return [*cells, _num(c.start), _num(c.start_std)]
+
+
 def to_csv(rows: Sequence[Row], budget: Budget | None = None) -> str:
     """Flat numbers (mean and std columns), one line per row; empty cells for "not reached"/undefined.
-    ``budget`` adds a ``budget`` column (``kind:value``), which says at what every run was stopped."""
-
-    def num(x: float | None) -> str:
-        return "" if x is None or math.isnan(x) else repr(float(x))
-
+    ``budget`` adds a ``budget`` column (``kind:value``), which says at what every run was stopped.
+    ``regime`` is the regime the runs were in; ``premise:<metric>:max`` / ``:mean`` summarise the
+    metrics a claim's premise check reads (max over seeds and steps; mean over seeds)."""
     per_block = ["final_mean", "final_std", "best_mean", "best_std", "auc_mean", "auc_std", "target", "tokens_to_target",
                  "rollouts_to_target", "seeds_reached", "ratio_to_baseline"]  # fmt: skip
     per_row = ["nonzero_token_share", "open_frac", "wall_s", "train_s"]
+    premises = list(dict.fromkeys(k for r in rows for k in r.premise))
     head = ["variant", "recipe", "baseline", "n_seeds", "seeds"]
     head += [f"{b.metric}:{c}" for b in (rows[0].blocks if rows else []) for c in per_block]
     head += [f"{c}_{s}" for c in per_row for s in ("mean", "std")] + ["tokens_mean", "rollouts_mean", "steps_mean"]
-    head += ["control", "control_target", "control_seeds_reached", "control_final_delta", "control_auc_delta"]
-    head += [f"{a}_to_control_target{suf}" for a in AXES for suf in ("", "_control", "_ratio", "_ratio_low", "_ratio_high")]
-    head += ["control_start", "control_start_std"] + (["budget"] if budget is not None else [])
+    head += CONTROL_COLUMNS + (["budget"] if budget is not None else []) + ["regime"]
+    head += [f"premise:{k}:{s}" for k in premises for s in ("max", "mean")]
     out = io.StringIO()
     w = csv.writer(out)
     w.writerow(head)
     for r in rows:
         cells: list[Any] = [r.variant, r.recipe, int(r.is_baseline), len(r.seeds), " ".join(r.seeds)]
         for b in r.blocks:
-            cells += [num(v) for v in (*b.final, *b.best, *b.auc, b.target, b.tokens_to_target, b.rollouts_to_target)]
-            cells += [b.seeds_reached, num(b.ratio)]
-        cells += [num(v) for c in per_row for v in getattr(r, c)] + [num(r.tokens), num(r.rollouts), num(r.steps)]
-        c = r.control
-        if c is None:
-            cells += [""] * (7 + 5 * len(AXES))
-        else:
-            cells += [c.control, num(c.target), c.seeds_reached, num(c.final_delta), num(c.auc_delta)]
-            for a in AXES:
-                low, high = c.ratio_interval.get(a, (None, None))
-                cells += [num(v) for v in (c.cost.get(a), c.control_cost.get(a), c.ratio(a), low, high)]
-            cells += [num(c.start), num(c.start_std)]
+            cells += [_num(v) for v in (*b.final, *b.best, *b.auc, b.target, b.tokens_to_target, b.rollouts_to_target)]
+            cells += [b.seeds_reached, _num(b.ratio)]
+        cells += [_num(v) for c in per_row for v in getattr(r, c)] + [_num(r.tokens), _num(r.rollouts), _num(r.steps)]
+        cells += _control_cells(r.control)
         if budget is not None:
             cells.append(f"{budget.kind}:{budget.value}")
+        cells.append(r.regime)
+        cells += [_num(v) for k in premises for v in r.premise.get(k, (None, None))]
         w.writerow(cells)
+    return out.getvalue()
+
+
+def comparisons_csv(rows: Sequence[Row]) -> str:
+    """Every comparison of every row, one line each: the matched control's (``target_kind`` final)
+    and those a claim needs besides it (another control, the control's peak); the control columns
+    are named as in :func:`to_csv`."""
+    out = io.StringIO()
+    w = csv.writer(out)
+    w.writerow(["variant", "recipe", "target_kind", *CONTROL_COLUMNS])
+    for r in rows:
+        for c in [*([r.control] if r.control is not None else []), *r.comparisons]:
+            w.writerow([r.variant, r.recipe, c.target_kind, *_control_cells(c)])
     return out.getvalue()
 
 
 def write_report(
     client: Any, results: Sequence[RunResult], rows: Sequence[Row], budget: Budget, out: Path, *, name: str, title: str, band: str
 ) -> tuple[str, list[Path]]:
-    """Write ``table.md``, ``table.csv``, ``curves.png`` (titled ``name``, ``band`` over seeds) and,
+    """Write ``table.md``, ``table.csv``, ``comparisons.csv``, ``curves.png`` (titled ``name``, ``band`` over seeds) and,
     when any run logged ``health/`` metrics, ``health.png`` into ``out``; returns the markdown table
     and the files written."""
     out.mkdir(parents=True, exist_ok=True)
     md = to_markdown(rows, budget, title=title, notes=start_mismatches(results))
     (out / "table.md").write_text(md)
     (out / "table.csv").write_text(to_csv(rows, budget))
+    (out / "comparisons.csv").write_text(comparisons_csv(rows))
     plot(results, rows, budget, out / "curves.png", title=name, band=band)
-    files = [out / "table.md", out / "table.csv", out / "curves.png"]
+    files = [out / "table.md", out / "table.csv", out / "comparisons.csv", out / "curves.png"]
     # Signal health beside pass@1 (issue #11): collapse shows here before it shows in pass@1.
     series = health_series(client, results, PLOT_METRICS)
     if any(m.startswith("health/") for s in series.values() for m in s):

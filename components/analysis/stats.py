@@ -127,3 +127,69 @@ def eval_noise(p: float, items: int, samples: int) -> float:
         return math.nan
     p = min(max(p, 0.0), 1.0)
     return math.sqrt(p * (1 - p) / (items * samples))
+
+
+# ---- power: what a row's seeds can resolve, and how many seeds the paper's effect needs ------------
+POWER = 0.8  # the power the estimates below are stated at (two-sided alpha 0.05)
+MAX_SEEDS = 500  # beyond this an effect is reported as unresolvable at the measured noise
+
+
+def _welch_se_df(s1: float, n1: int, s2: float, n2: int) -> tuple[float, float]:
+    v1, v2 = s1 * s1 / n1, s2 * s2 / n2
+    se = math.sqrt(v1 + v2)
+    df = (v1 + v2) ** 2 / ((v1 * v1) / (n1 - 1) + (v2 * v2) / (n2 - 1)) if v1 + v2 > 0 else math.inf
+    return se, df
+
+
+def detectable_difference(
+    s1: float, n1: int, s2: float, n2: int, alpha: float = 0.05, power: float = POWER, one_sided: bool = False
+) -> float:
+    """The smallest true difference of two means that Welch's test at ``alpha`` (two-sided unless
+    ``one_sided``) detects with probability ``power``, at sample stds ``s1, s2`` and sizes ``n1, n2``:
+    ``(t_{1-alpha/2} + t_{power}) * se`` on the Welch degrees of freedom (NaN when a side has < 2
+    values or no spread is known)."""
+    if n1 < 2 or n2 < 2 or any(math.isnan(x) for x in (s1, s2)):
+        return math.nan
+    se, df = _welch_se_df(s1, n1, s2, n2)
+    a = alpha if one_sided else alpha / 2
+    return float((_st.t.ppf(1 - a, df) + _st.t.ppf(power, df)) * se)
+
+
+def seeds_to_detect(effect: float, s1: float, s2: float, alpha: float = 0.05, power: float = POWER) -> int | None:
+    """Seeds per arm for Welch's test to detect a true difference ``effect`` (None: more than
+    :data:`MAX_SEEDS`, or no spread known)."""
+    if math.isnan(effect) or effect == 0 or any(math.isnan(x) for x in (s1, s2)):
+        return None
+    for n in range(2, MAX_SEEDS + 1):
+        if detectable_difference(s1, n, s2, n, alpha, power) <= abs(effect):
+            return n
+    return None
+
+
+def seeds_for_equivalence(
+    margin: float, s1: float, s2: float, true_difference: float = 0.0, alpha: float = 0.05, power: float = POWER
+) -> int | None:
+    """Seeds per arm for TOST at ``margin`` to conclude equivalence with probability about ``power``
+    when the true difference is ``true_difference`` (normal-approximation form on the t quantiles:
+    ``(t_{1-alpha} + t_{1-(1-power)/2}) * se <= margin - |true_difference|``; None: unreachable)."""
+    room = margin - abs(true_difference)
+    if room <= 0 or any(math.isnan(x) for x in (s1, s2)):
+        return None
+    for n in range(2, MAX_SEEDS + 1):
+        se, df = _welch_se_df(s1, n, s2, n)
+        if (_st.t.ppf(1 - alpha, df) + _st.t.ppf(1 - (1 - power) / 2, df)) * se <= room:
+            return n
+    return None
+
+
+def ratio_power(ratio: Interval, n: int, factor: float, power: float = POWER) -> tuple[float, int | None]:
+    """From a cost ratio's 95% bootstrap interval at ``n`` seeds per arm: the smallest ratio (below
+    1) the same noise resolves from 1 with ``power``, and the seeds per arm that would resolve the
+    claimed ``factor`` (the log-ratio's standard error read off the interval, shrinking as 1/sqrt(n)).
+    ``(nan, None)`` when the interval is open (a resample that never got there) or undefined."""
+    if not (0 < ratio.low <= ratio.high < math.inf) or n < 2 or not 0 < factor < 1:
+        return math.nan, None
+    z = float(_st.norm.ppf(0.975)) + float(_st.norm.ppf(power))
+    se = (math.log(ratio.high) - math.log(ratio.low)) / (2 * float(_st.norm.ppf(0.975)))
+    need = math.ceil(n * (z * se / abs(math.log(factor))) ** 2)
+    return math.exp(-z * se), (max(need, 2) if need <= MAX_SEEDS else None)

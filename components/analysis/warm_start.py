@@ -8,7 +8,23 @@ of each prompt is :func:`components.data.tasks.target_text`: the worked referenc
 
 :func:`warm_start` trains and saves a model; :func:`measure_pass_rates` reports per-slice pass rates
 of any policy on a DataModule's held-out set (the same estimate the RL run's eval makes at step 0:
-``samples`` draws per item at T=1). ``scripts/warm_start.py`` is the command line.
+``samples`` draws per item at T=1); :func:`measure_hinted_pass_rates` the same per SAGE hint level.
+``scripts/warm_start.py`` is the command line.
+
+A build saves its state (weights, optimizer, data stream, step) into ``<out>/warm_start.ckpt`` at
+every evaluation, so an interrupted build of the same spec resumes where it stopped (bit for bit:
+the same weights as an uninterrupted build), and writes ``<out>/warm_start.json`` beside the weights:
+the spec, its hash, the seed, the steps, the data and the stopping evaluation.
+
+**Hinted examples** (``hint_share`` > 0): that share of the supervised examples carry a hint in
+SAGE's form (:mod:`components.samplers.sage`): the prompt becomes ``{problem}\nHere is a hint to
+help you:\n{hint}`` with the hint a partial solution (:class:`~components.samplers.hints.PrefixHint`
+of level 1..``hint_levels``, uniformly: the first l/(L+1) of the worked reference, or of the answer
+on a plain mix; never all of it). The target is the whole answer (``hint_target: whole``) or, for a
+worked answer whose verifier reads only what follows the answer marker, the rest of the solution
+after the hint (``hint_target: rest``: the model continues the partial solution it was given, so a
+longer hint leaves less to derive). A model built so has read hints before RL, so SAGE's premise (a
+hinted group gets a success) can hold.
 """
 
 from __future__ import annotations
@@ -30,6 +46,9 @@ from components.engines.base import SamplingParams
 from components.engines.hf import HFEngine
 from components.errors import ConfigError
 from components.policy import build_char_tokenizer, encode_prompt, tiny_config
+from components.samplers.hints import PrefixHint
+from components.samplers.sage import DEFAULT_TEMPLATE
+from components.types import Prompt
 
 # Architectures a warm start can build (all Llama with the char tokenizer). ``tiny`` is the shipped
 # model's (about 0.9M parameters); ``small`` is a few million parameters (about 2.9M), still minutes
@@ -53,6 +72,10 @@ class WarmStartSpec:
         max_positions: the model's context (prompt + answer + EOS must fit).
         max_new_tokens: generation length for evaluation (None: the longest target + 8).
         max_steps, batch_size, lr, eval_every, eval_items, eval_samples, seed: the SFT run.
+        hint_share: share of training examples given a SAGE-form hint (0: none).
+        hint_levels: the hint levels drawn (SAGE's L = 3).
+        hint_target: ``whole`` (the full answer after a hint) or ``rest`` (the solution after the
+            hint, on worked answers with an answer marker; the whole answer elsewhere).
     """
 
     tasks: list[ReasoningGymTask]
@@ -71,6 +94,9 @@ class WarmStartSpec:
     seed: int = 1234
     train_pool: int = 20000
     extra: dict = field(default_factory=dict)  # free-form notes that should change the cache key
+    hint_share: float = 0.0
+    hint_levels: int = 3
+    hint_target: str = "whole"
 
     def validate(self) -> None:
         if self.model_size not in MODEL_SIZES:
@@ -84,11 +110,26 @@ class WarmStartSpec:
             )
         if not 0.0 < self.target <= 1.0:
             raise ConfigError("warm_start.target", f"must be in (0, 1], got {self.target}")
+        if not 0.0 <= self.hint_share <= 1.0:
+            raise ConfigError("warm_start.hint_share", f"must be in [0, 1], got {self.hint_share}")
+        if self.hint_levels < 1:
+            raise ConfigError("warm_start.hint_levels", f"must be >= 1, got {self.hint_levels}")
+        if self.hint_target not in ("whole", "rest"):
+            raise ConfigError("warm_start.hint_target", f"must be one of ['whole', 'rest'], got {self.hint_target!r}")
 
     def key(self) -> str:
-        """A hash of everything that determines the trained model (the cache key of a regime)."""
+        """A hash of everything that determines the trained model (the cache key of a regime).
+
+        Fields added after the first regimes were built hash only when set away from their default,
+        so the shipped and cached builds keep their keys."""
         d = asdict(self)
+        for k, default in _LATER_FIELDS.items():
+            if d[k] == default:
+                del d[k]
         return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+_LATER_FIELDS = {"hint_share": 0.0, "hint_levels": 3, "hint_target": "whole"}
 
 
 def new_model(size: str, max_positions: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -130,13 +171,86 @@ def _target_ids(tok: PreTrainedTokenizerBase, p: Any) -> list[int]:
     return tok(target_text(p), add_special_tokens=False).input_ids + [tok.eos_token_id]
 
 
-def warm_start(spec: WarmStartSpec, out: str | Path, log: Callable[[str], None] = print) -> dict[str, Any]:
+def _target_after(tok: PreTrainedTokenizerBase, p: Prompt, hint: str, mode: str) -> list[int]:
+    """The target after a hint: the whole answer, or (``rest``, on a worked reference with an answer
+    marker, of which the hint is a prefix) the solution's remainder after the hint, then EOS. A hint
+    that cuts into the marker keeps the whole answer: the verifier reads the completion only, so the
+    completion must hold the whole marker."""
+    ref = (p.reference or "").strip()
+    rest = ref[len(hint) :] if ref.startswith(hint) else ""
+    if mode == "whole" or not p.answer_marker or p.answer_marker not in rest:
+        return _target_ids(tok, p)
+    return tok(rest, add_special_tokens=False).input_ids + [tok.eos_token_id]
+
+
+def hinted_text(prompt: Prompt, hint: str, template: str = DEFAULT_TEMPLATE) -> str:
+    """The prompt text carrying ``hint`` exactly as SAGE's sampler builds it
+    (:meth:`components.samplers.sage.HintTransform.hinted_text`: the bare question inside the task's
+    prompt becomes the template filled with it and the hint)."""
+    q = prompt.question
+    if q and q in prompt.text:
+        return prompt.text.replace(q, template.format(problem=q, hint=hint), 1)
+    return template.format(problem=prompt.text, hint=hint)
+
+
+def prompt_hints(prompt: Prompt, levels: int) -> dict[int, str] | None:
+    """SAGE's hints of levels ``1..levels`` for ``prompt`` as recipes/sage.yaml writes them
+    (:class:`PrefixHint` from the reference solution, else the answer); None when it has none."""
+    return PrefixHint(use_answer=True).hints([prompt], levels, None)[0]
+
+
+@torch.no_grad()
+def measure_hinted_pass_rates(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    dm: PromptDataModule,
+    max_new_tokens: int,
+    samples: int = 4,
+    levels: int = 3,
+    template: str = DEFAULT_TEMPLATE,
+) -> dict[str, dict[str, float]]:
+    """Sampled (T=1) pass rate on ``dm.heldout`` per SAGE hint level (0 = no hint, then 1..``levels``),
+    per slice and ``all``: whether the model can read a hint (SAGE's premise: a hinted group gets a
+    success; the rate should rise with the level). Items without a hint at a level are left out of it."""
+    engine = HFEngine()
+    engine.bind(model, tok)
+    out: dict[str, dict[str, float]] = {}
+    hints = [prompt_hints(p, levels) for p in dm.heldout]
+    for level in range(levels + 1):
+        items = [(p, p.text if level == 0 else hinted_text(p, h[level], template))
+                 for p, h in zip(dm.heldout, hints) if level == 0 or (h and level in h)]  # fmt: skip
+        outs = engine.generate(
+            [encode_prompt(tok, t) for _, t in items], [samples] * len(items), SamplingParams(1.0, 1.0, max_new_tokens)
+        )
+        by_tag: dict[str, list[float]] = {}
+        for (p, _), rs in zip(items, outs):
+            verify = dm.verifier(p)
+            by_tag.setdefault(p.tag, []).extend(float(verify(r.text.strip(), p) >= 1.0) for r in rs)
+        rates = {t: sum(x) / len(x) for t, x in sorted(by_tag.items())}
+        rates["all"] = sum(sum(x) for x in by_tag.values()) / max(sum(len(x) for x in by_tag.values()), 1)
+        out[f"level_{level}"] = rates
+    return out
+
+
+def _save_state(path: Path, state: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)  # atomic: a kill mid-save leaves the previous state
+
+
+def warm_start(spec: WarmStartSpec, out: str | Path, log: Callable[[str], None] = print, resume: bool = True) -> dict[str, Any]:
     """Train a fresh model on ``spec`` and save it (weights, config, tokenizer) into ``out``.
 
+    The run's state is saved to ``<out>/warm_start.ckpt`` at every evaluation; with ``resume`` a
+    state of the same spec found there is continued from (a state of another spec is ignored), and
+    it is removed once the model is saved. ``<out>/warm_start.json`` records how the model was built.
     Returns a report: steps, seconds, the stopping evaluation's per-slice pass rates, and whether
     the target was reached (a run that hits ``max_steps`` first is saved and reported as such).
     """
     spec.validate()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / "warm_start.ckpt"
     torch.manual_seed(spec.seed)
     model, tok = new_model(spec.model_size, spec.max_positions)
     train_tasks = [t for t in spec.tasks if spec.train_tags is None or t.tag in spec.train_tags]
@@ -149,9 +263,28 @@ def warm_start(spec: WarmStartSpec, out: str | Path, log: Callable[[str], None] 
         tasks=spec.tasks, train_size=20 * len(spec.tasks), heldout_size=spec.eval_items, seed=spec.seed + 1
     )
     eval_dm.setup()
+    hint_rng = torch.Generator().manual_seed(spec.seed + 2)  # which examples get a hint, and which level
+    hints = {p.uid: prompt_hints(p, spec.hint_levels) for p in dm.train_pool.prompts} if spec.hint_share else {}
+
+    def example(p: Prompt) -> tuple[list[int], list[int]]:
+        """(context, target) token ids: the bare prompt and answer, or, for a share, a hinted one."""
+        h = hints.get(p.uid)
+        if not h or float(torch.rand((), generator=hint_rng)) >= spec.hint_share:
+            return encode_prompt(tok, p.text), _target_ids(tok, p)
+        level = int(torch.randint(1, spec.hint_levels + 1, (), generator=hint_rng))
+        if level not in h:
+            return encode_prompt(tok, p.text), _target_ids(tok, p)
+        return encode_prompt(tok, hinted_text(p, h[level])), _target_after(tok, p, h[level], spec.hint_target)
+
     longest = max(len(_target_ids(tok, p)) for p in [*dm.train_pool.prompts, *eval_dm.heldout])
     max_new = spec.max_new_tokens or longest + 8
-    widest = max(len(encode_prompt(tok, p.text)) for p in eval_dm.heldout) + max_new
+    widest_prompt = max(len(encode_prompt(tok, p.text)) for p in eval_dm.heldout)
+    if hints:  # the longest hinted training prompt must fit beside its answer too
+        widest_prompt = max(
+            widest_prompt,
+            *(len(encode_prompt(tok, hinted_text(p, h[max(h)]))) for p in dm.train_pool.prompts if (h := hints[p.uid])),
+        )
+    widest = widest_prompt + max_new
     if widest > spec.max_positions:
         raise ConfigError(
             "warm_start.max_positions", f"{spec.max_positions} is too short: prompts plus {max_new} new tokens need {widest}"
@@ -161,7 +294,7 @@ def warm_start(spec: WarmStartSpec, out: str | Path, log: Callable[[str], None] 
     def batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         seqs, masks = [], []
         for p in dm.draw(spec.batch_size):
-            ctx, ans = encode_prompt(tok, p.text), _target_ids(tok, p)
+            ctx, ans = example(p)
             seqs.append(ctx + ans)
             masks.append([0] * len(ctx) + [1] * len(ans))
         width = max(len(s) for s in seqs)
@@ -171,11 +304,26 @@ def warm_start(spec: WarmStartSpec, out: str | Path, log: Callable[[str], None] 
             ids[i, : len(s)], att[i, : len(s)], lab[i, : len(s)] = torch.tensor(s), 1, torch.tensor(m)
         return ids, att, lab
 
-    t0 = time.time()
+    key = spec.key()
+    start, elapsed, resumed_from, reached = 1, 0.0, 0, False
     rates: dict[str, float] = {}
-    reached = False
-    step = 0
-    for step in range(1, spec.max_steps + 1):
+    if resume and ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        if state.get("spec_key") == key:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            dm.generator.set_state(state["data_rng"])
+            hint_rng.set_state(state["hint_rng"])
+            start, elapsed, rates = state["step"] + 1, state["seconds"], state["rates"]
+            resumed_from, reached = state["step"], state.get("reached", False)
+            if reached:  # killed between reaching the target and saving: nothing left to train
+                start = spec.max_steps + 1
+            log(f"resuming the build from step {resumed_from} ({ckpt})")
+        else:
+            log(f"ignoring {ckpt}: it belongs to another spec ({state.get('spec_key')}, this one is {key})")
+    t0 = time.time() - elapsed
+    step = start - 1 if start <= spec.max_steps else resumed_from
+    for step in range(start, spec.max_steps + 1):
         ids, att, lab = batch()
         logits = model(input_ids=ids, attention_mask=att).logits[:, :-1]
         tgt, m = ids[:, 1:], lab[:, 1:].float()
@@ -188,12 +336,15 @@ def warm_start(spec: WarmStartSpec, out: str | Path, log: Callable[[str], None] 
         if step % spec.eval_every == 0:
             with torch.random.fork_rng():  # evaluation sampling must not shift the training run
                 rates = measure_pass_rates(model, tok, eval_dm, max_new, spec.eval_samples)
+            reached = rates[spec.target_tag] >= spec.target
+            _save_state(ckpt, {
+                "spec_key": key, "step": step, "seconds": time.time() - t0, "rates": rates, "reached": reached,
+                "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "data_rng": dm.generator.get_state(), "hint_rng": hint_rng.get_state(),
+            })  # fmt: skip
             log(f"step {step} loss {loss.item():.3f} pass@1(T=1) {_fmt(rates)} {time.time() - t0:.0f}s")
-            if rates[spec.target_tag] >= spec.target:
-                reached = True
+            if reached:
                 break
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tok.save_pretrained(out)
     report = {
@@ -204,8 +355,33 @@ def warm_start(spec: WarmStartSpec, out: str | Path, log: Callable[[str], None] 
         "max_new_tokens": max_new,
         "params": sum(p.numel() for p in model.parameters()),
     }
+    record = {
+        **report,
+        "spec_key": key,
+        "spec": asdict(spec),
+        "seed": spec.seed,
+        "resumed_from_step": resumed_from,
+        "data": {
+            "train_tags": spec.train_tags,
+            "train_pool": spec.train_pool,
+            "data_seed": spec.seed,
+            "eval_items": spec.eval_items,
+            "eval_seed": spec.seed + 1,
+            "hint_share": spec.hint_share,
+        },
+        "versions": {"torch": torch.__version__, "transformers": _transformers_version()},
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    (out / "warm_start.json").write_text(json.dumps(record, indent=2, default=str))
+    ckpt.unlink(missing_ok=True)
     log(f"saved to {out} after {step} steps ({report['seconds']}s); target reached: {reached}")
     return report
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
 
 
 def _fmt(rates: dict[str, float]) -> str:

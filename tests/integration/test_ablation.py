@@ -537,6 +537,9 @@ def test_script_reads_a_report_and_prints_one_row_per_claim(tmp_path, capsys):
         row("", "grpo_n4", "0.340", "0.011", "grpo", "-0.01", reached="1"),  # a control: left out
         row("", "dro", "0.245", "0.125", "grpo_verifier_reasoning", "-0.021", control_costs=("0", "0", "0"),
             target="0.266", start="0.38", start_std="0.02"),  # fmt: skip
+        row("", "grpo_verifier_reasoning", "0.266", "0.02"),
+        row("", "dro_nofilter", "0.25", "0.03", "grpo_verifier_reasoning"),
+        row("", "dro_aggr", "0.20", "0.01", "grpo_verifier_reasoning"),
         row("sparse", "grpo", "0.28", "0.01"),
         row("sparse", "pods", "0.29", "0.01", "grpo", "0.01", ("0.4", "0.1", "0.2"), ("0.3", "0.05", "0.1"),
             ("0.5", "0.2", "0.3"), ("9e3", "30", "20"), "0.28", "0.27", "0.01"),  # fmt: skip
@@ -547,21 +550,36 @@ def test_script_reads_a_report_and_prints_one_row_per_claim(tmp_path, capsys):
         w = csv.DictWriter(f, fieldnames=list(rows[1]))
         w.writeheader()
         w.writerows(rows)
+    # PODS is judged to the control's peak, DRO's filter against dro_nofilter: comparisons.csv has those.
+    comps = [
+        {**rows[-1], "target_kind": "peak", "grpo": "", "control": "grpo"},
+        {**row("", "dro", "", "", "dro_nofilter", "", ("0.5", "0.5", "0.5"), ("0.4", "0.4", "0.4"), ("0.6", "0.6", "0.6"),
+               ("9e3", "30", "20"), "0.25", "0.10", "0.01"), "target_kind": "final"},  # fmt: skip
+    ]
+    with (report / "comparisons.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["target_kind", *rows[1]], extrasaction="ignore")
+        w.writeheader()
+        w.writerows(comps)
     assert mod.main(["abl", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out.splitlines()
     lines = [ln for ln in printed if ln.startswith("| dense")]
-    assert len(lines) == 4  # DAPO's one claim, Ada-Seq's two, DRO's one
+    assert len(lines) == 8  # DAPO: 1 claim, Ada-Seq: 2, DRO: 3; dro_nofilter and dro_aggr: a note each
     # 0.1x the steps, but to a target 0.01 above the control's start: not a resolved gain, not testable
     (pods,) = (ln for ln in printed if ln.startswith("| sparse"))
-    assert "0.40× [0.30, 0.50] / 0.10× [0.05, 0.20] / 0.20× [0.10, 0.30]" in pods and pods.endswith("| not testable |")
+    assert "0.40× [0.30, 0.50] / 0.10× [0.05, 0.20] / 0.20× [0.10, 0.30]" in pods and "| not testable" in pods
+    assert "to the control's peak" in pods and "a control that learns" in pods
     dapo = next(ln for ln in lines if "`dapo`" in ln)
-    assert "0.35× [0.25, 0.48]" in dapo and dapo.endswith("| reproduced |")  # the steps interval lies below 1
+    # the steps interval lies below 1; the report predates the premise columns
+    assert "0.35× [0.25, 0.48]" in dapo and "| reproduced (premise not measured) | — |" in dapo
     v1, v3 = (ln for ln in lines if "`ada_seq`" in ln)
     # +0.028 with 3 seeds per arm: t = 2.6 on ~3.7 degrees of freedom, the interval includes 0
-    assert "(v1)" in v1 and "p=0.06" in v1 and v1.endswith("| direction only |")
-    assert "(v3)" in v3 and "never" in v3 and v3.endswith("| not reproduced |")
-    dro = next(ln for ln in lines if "`dro`" in ln)
-    assert "— (control at start)" in dro and dro.endswith("| not testable |")
+    assert "(v1)" in v1 and "p=0.06" in v1 and "| direction only | the interval clearing 0" in v1
+    assert "(v3)" in v3 and "never" in v3 and "| not reproduced | reaching the control's final" in v3
+    parity, filt, aggr = (ln for ln in lines if "`dro`" in ln)
+    assert "`grpo_verifier_reasoning`" in parity and "correctness reward" in parity and "| inconclusive |" in parity
+    assert "`dro_nofilter`" in filt and "0.50× [0.40, 0.60]" in filt and "| reproduced (premise not measured) |" in filt
+    assert "`dro_aggr`" in aggr and "+0.045" in aggr and "| direction only |" in aggr
+    assert sum("see text" in ln for ln in lines) == 2  # dro_nofilter and dro_aggr: notes
     # an equal-tokens sweep: Ada-Seq's v3 (cost) is judged, its v1 (a gain at equal steps) is not
     tok = tmp_path / "tok" / "report"
     tok.mkdir(parents=True)
@@ -575,6 +593,6 @@ def test_script_reads_a_report_and_prints_one_row_per_claim(tmp_path, capsys):
     printed = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| dense")]
     assert len(printed) == 2 and all("(equal drawn tokens: 100000)" in ln for ln in printed)
     assert "(v3)" in printed[0] and "(v1)" not in "".join(printed)
-    assert "not judged here" in printed[1] and printed[1].endswith("| — |")  # Ada-pos: only a gain at equal steps
+    assert "not judged here" in printed[1] and printed[1].endswith("| — | — | — |")  # Ada-pos: only a gain at equal steps
     with pytest.raises(SystemExit, match="no report"):
         mod.main(["missing", "--out", str(tmp_path)])

@@ -8,9 +8,28 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from components.analysis.claims import CLAIMS, CONTROLS, Claim, Evidence, verdict
+from components.analysis.claims import (
+    CLAIMS,
+    CONTROLS,
+    Claim,
+    Evidence,
+    comparisons_needed,
+    power_note,
+    premise_metrics,
+    verdict,
+    what_would_change,
+)
 from components.analysis.recipe_header import recipe_header
-from components.analysis.stats import Interval, eval_noise, paired, ratio_interval, welch
+from components.analysis.stats import (
+    Interval,
+    detectable_difference,
+    eval_noise,
+    paired,
+    ratio_interval,
+    ratio_power,
+    seeds_to_detect,
+    welch,
+)
 from tests.runs import ROOT
 
 
@@ -145,3 +164,98 @@ def test_the_cost_ratio_bootstrap_resamples_seeds_and_recomputes_the_target():
     never = [curve([0.30, 0.30, 0.31, 0.31, 0.32])] * 3
     assert ratio_bootstrap(never, control, "steps", x, resamples=50) == (math.inf, math.inf)
     assert ratio_bootstrap(fast, control, "steps", x, resamples=50, seed=1) == ratio_bootstrap(fast, control, "steps", x, resamples=50, seed=1)
+
+
+# ---- claims stated right (issue 19), each checked against shared/reference/algorithms.md ------------
+def test_dro_is_judged_on_its_three_claims_against_its_own_controls():
+    parity, filt, aggr = CLAIMS["dro"]
+    assert parity.kind == "parity" and parity.control_of("grpo_verifier_reasoning") == "grpo_verifier_reasoning"
+    assert "67.1 vs 68.0" in parity.text
+    assert (filt.kind, filt.axis, filt.factor, filt.control) == ("cost", "train_s", 0.55, "dro_nofilter")  # ~45% cut
+    assert (aggr.kind, aggr.delta, aggr.control) == ("gain", 0.041, "dro_aggr")  # 67.1 vs 63.0
+    assert all(c.kind == "note" for c in (*CLAIMS["dro_nofilter"], *CLAIMS["dro_aggr"]))
+    assert not any("2-3x" in c.text for c in CLAIMS["dro"])  # the speed-up is on unverifiable tasks only
+
+
+def test_raft_raftpp_and_gvm_claims_are_attributed_to_the_right_method_and_control():
+    assert CLAIMS["raft"][0].kind == "note" and "36.4" not in CLAIMS["raft"][0].text
+    (pp,) = CLAIMS["raftpp"]
+    assert pp.kind == "parity" and "36.42 vs 38.11" in pp.text and "49.06 vs 49.07" in pp.text
+    to_raft, to_raftpp = CLAIMS["gvm_raft"]
+    assert (to_raft.control, to_raftpp.control) == ("raft", "raftpp") and "paper's control" in to_raft.text
+    assert CLAIMS["gvm"][0].control == "grpo" and CLAIMS["gvm"][0].delta == pytest.approx(0.008)  # 49.86 vs 49.07
+
+
+def test_pods_is_judged_to_the_controls_peak_and_every_premise_names_logged_metrics():
+    assert CLAIMS["pods"][0].target == "peak"
+    need = comparisons_needed({"pods": "grpo", "dro": "grpo_verifier_reasoning", "gvm_raft": "raftpp"})
+    assert need == {"pods": [("grpo", "peak")], "dro": [("dro_nofilter", "final")], "gvm_raft": [("raft", "final")]}
+    assert ("hint/acc_level_1_mean", "hint/used_level_1") in premise_metrics()
+    assert CLAIMS["sage"][0].premise is CLAIMS["sage_light"][0].premise
+    with pytest.raises(ValueError, match="Claim.target"):
+        Claim("X", "t", "cost", target="best")
+
+
+SAGE = CLAIMS["sage"][0]
+
+
+def test_sage_without_a_hinted_success_is_not_testable_not_not_reproduced():
+    zero = {f"hint/acc_level_{lv}_mean": (0.0, 0.0) for lv in (1, 2, 3)}
+    assert SAGE.premise.holds(zero) is False and SAGE.premise.holds({}) is None
+    assert SAGE.premise.holds({**zero, "hint/acc_level_3_mean": (0.25, 0.05)}) is True
+    worse = dict(m_std=0.008, c_std=0.007)
+    assert verdict(SAGE, _ev(-0.014, **worse)) == "not reproduced"  # the old reading
+    ev = Evidence.of(method=(0.283, 0.008, 3), control=(0.297, 0.007, 3), premise=SAGE.premise.holds(zero))
+    assert verdict(SAGE, ev) == "not testable"
+    assert "hinted groups get a success" in what_would_change(SAGE, ev, "not testable")
+    alloc = CLAIMS["dynamo_authors"][0].premise  # a share: holds once some step is below 1
+    assert alloc.holds({"dynamo/exploring_frac": (1.0, 1.0)}) is False and alloc.holds({"dynamo/exploring_frac": (1.0, 0.9)})
+
+
+def test_power_and_what_would_change_on_hand_numbers():
+    ev = _ev(0.043, 0.026, 0.007)  # dense Ada-Seq at 3 seeds per arm
+    note = power_note(GAIN, ev)
+    mde = detectable_difference(0.026, 3, 0.007, 3)
+    assert f"±{mde:.3f} at 3/3" in note and 0.05 < mde < 0.1  # 3 seeds resolve only gains above ~7 points
+    n = seeds_to_detect(0.01, 0.026, 0.007)
+    assert f"+0.010 needs {n} seeds/arm" in note
+    assert detectable_difference(0.026, n, 0.007, n) <= 0.01 < detectable_difference(0.026, n - 1, 0.007, n - 1)
+    assert what_would_change(GAIN, ev, verdict(GAIN, ev)).startswith("the interval clearing 0")
+    noisy = _ev(-0.052, m_std=0.063, c_std=0.02)
+    assert "equivalence at ±0.03 needs" in power_note(PAR, noisy)
+    assert what_would_change(PAR, noisy, "inconclusive").startswith("the 90% interval inside ±0.03")
+    resolvable, need = ratio_power(Interval(0.5, 0.3, 0.9), 3, 0.5)
+    assert resolvable < 1 and need is not None and need >= 3
+    assert ratio_power(Interval(0.5, 0.3, INF), 3, 0.5) == (pytest.approx(math.nan, nan_ok=True), None)
+    assert "needs" in power_note(COST, _ev(0.0, ratio=(0.5, 0.3, 0.9)))
+    assert what_would_change(GAIN, _ev(0.05), "reproduced") == ""
+
+
+def test_the_report_computes_peak_and_other_control_comparisons_and_carries_premise_and_regime():
+    from components.analysis.comparison import control_target, summarize
+    from components.analysis.cost_axes import PASS_AT_1, Budget
+    from components.analysis.mlflow_io import Curve, RunResult
+    from components.analysis.report import comparisons_csv, to_csv
+
+    def run(recipe, seed, ys, premise=None):
+        st = np.arange(len(ys), dtype=float) * 10
+        c = Curve(st * 100, st * 25, np.array(ys, dtype=float), st, st)
+        return RunResult(f"{recipe}{seed}", recipe, "", str(seed), {PASS_AT_1: c}, st[-1] * 100, st[-1] * 25, 0.5, 0.4,
+                         10.0, st[-1], final_steps=st[-1], regime="sparse", premise=premise or {})  # fmt: skip
+
+    grpo = [run("grpo", s, [0.30, 0.45, 0.40]) for s in (0, 1)]  # peak 0.45 at step 10, final 0.40
+    pods = [run("pods", s, [0.30, 0.42, 0.46], {"pods/pool_reward_std": (0.3, 0.1)}) for s in (0, 1)]
+    assert control_target([r.curves[PASS_AT_1] for r in grpo], "peak") == pytest.approx(0.45)
+    rows = summarize([*grpo, *pods], Budget("steps", 20), baseline="grpo", controls={"pods": "grpo"},
+                     comparisons={"pods": [("grpo", "peak")]})  # fmt: skip
+    row = next(r for r in rows if r.recipe == "pods")
+    assert row.control.target == pytest.approx(0.40) and row.control.target_kind == "final"
+    (peak,) = row.comparisons
+    assert peak.target_kind == "peak" and peak.target == pytest.approx(0.45) and peak.cost["steps"] > row.control.cost["steps"]
+    text = to_csv(rows)
+    import csv as _csv
+
+    got = next(r for r in _csv.DictReader(text.splitlines()) if r["recipe"] == "pods")
+    assert got["regime"] == "sparse" and float(got["premise:pods/pool_reward_std:max"]) == 0.3
+    kinds = [(r["recipe"], r["control"], r["target_kind"]) for r in _csv.DictReader(comparisons_csv(rows).splitlines())]
+    assert kinds == [("pods", "grpo", "final"), ("pods", "grpo", "peak")]
