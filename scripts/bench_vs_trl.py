@@ -135,8 +135,13 @@ def run_trl(args: argparse.Namespace, phases: Phases, n_steps: int, seed: int, t
 
     dm = PromptDataModule(batch_size=16)
     dm.setup("fit")
+    from types import SimpleNamespace
+
+    from components.engines.base import SamplingParams
+
     reward = VerifierReward()
-    reward.setup(dm, args.new_tokens)
+    # The reward reads only the sampling settings from the handle (the overlong penalty's length).
+    reward.setup(SimpleNamespace(sampling=SamplingParams(max_new_tokens=args.new_tokens)), dm.verifier)
     pool = {p.uid: p for p in dm.train_pool.prompts}
     # The same weighted stream of prompts our data module serves.
     rows = [{"prompt": "<bos>" + p.text, "uid": p.uid} for p in dm.draw(16 * (n_steps + 1))]
