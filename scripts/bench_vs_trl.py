@@ -47,6 +47,7 @@ class Phases:
         self.cur: dict[str, float] = defaultdict(float)
         self.steps: list[dict[str, float]] = []
         self.t_start: float | None = None
+        self.lengths: list[int] = []
 
     def wrap(self, obj: object, name: str, phase: str) -> None:
         fn = getattr(obj, name)
@@ -97,8 +98,9 @@ def run_ours(args: argparse.Namespace, phases: Phases, n_steps: int, seed: int) 
             "--trainer.val_check_interval", "100000",
             "--trainer.enable_progress_bar", "false",
             "--checkpoint.every_n_train_steps", "100000",
-            "--data.batch_size", "16",
-            "--model.sampler.init_args.group_size", "8",
+            "--model.model", args.model_path,
+            "--data.batch_size", str(args.prompts),
+            "--model.sampler.init_args.group_size", str(args.group),
             "--model.sampling.max_new_tokens", str(args.new_tokens),
             "--model.sampling.temperature", "1.0",
             "--model.num_minibatches", str(args.minibatches),
@@ -114,6 +116,14 @@ def run_ours(args: argparse.Namespace, phases: Phases, n_steps: int, seed: int) 
         run=False,
     )  # fmt: skip
     m = cli.model
+    gen = m.engine.generate
+
+    def counting(*a, **k):  # the generated lengths, for the physical-limit measurement
+        outs = gen(*a, **k)
+        phases.lengths += [len(r.token_ids) for rs in outs for r in rs]
+        return outs
+
+    m.engine.generate = counting
     phases.wrap(m.engine, "generate", "generate")
     phases.wrap(m.reward, "score", "scoring")
     phases.wrap(m, "forward_logprobs", "forward")
@@ -133,7 +143,7 @@ def run_trl(args: argparse.Namespace, phases: Phases, n_steps: int, seed: int, t
     from components.rewards.verifier import VerifierReward
     from components.types import Rollout
 
-    dm = PromptDataModule(batch_size=16)
+    dm = PromptDataModule(batch_size=args.prompts)
     dm.setup("fit")
     from types import SimpleNamespace
 
@@ -144,7 +154,7 @@ def run_trl(args: argparse.Namespace, phases: Phases, n_steps: int, seed: int, t
     reward.setup(SimpleNamespace(sampling=SamplingParams(max_new_tokens=args.new_tokens)), dm.verifier)
     pool = {p.uid: p for p in dm.train_pool.prompts}
     # The same weighted stream of prompts our data module serves.
-    rows = [{"prompt": "<bos>" + p.text, "uid": p.uid} for p in dm.draw(16 * (n_steps + 1))]
+    rows = [{"prompt": "<bos>" + p.text, "uid": p.uid} for p in dm.draw(args.prompts * (n_steps + 1))]
 
     def verifier(prompts, completions, uid, **_):
         out = []
@@ -154,7 +164,7 @@ def run_trl(args: argparse.Namespace, phases: Phases, n_steps: int, seed: int, t
             out.append(r.reward)
         return out
 
-    model, tok = load_policy("embedded:tiny")
+    model, tok = load_policy(args.model_path)
     s = args.minibatches
     cfg = GRPOConfig(
         output_dir=tmp,
@@ -165,10 +175,10 @@ def run_trl(args: argparse.Namespace, phases: Phases, n_steps: int, seed: int, t
         bf16=False,
         seed=seed,
         max_steps=n_steps * s,
-        per_device_train_batch_size=128 // s,
+        per_device_train_batch_size=args.prompts * args.group // s,
         gradient_accumulation_steps=1,
         steps_per_generation=s,
-        num_generations=8,
+        num_generations=args.group,
         num_iterations=1,
         max_completion_length=args.new_tokens,
         temperature=1.0,
@@ -217,6 +227,38 @@ def run_trl(args: argparse.Namespace, phases: Phases, n_steps: int, seed: int, t
     trainer.train()
 
 
+def run_limit(args: argparse.Namespace, lengths: list[int], n_steps: int) -> list[float]:
+    """The step's floor without any framework: one plain forward + backward per optimizer update
+    over rows shaped like the measured step (the step's contexts, responses of the mean generated
+    length), a log-prob loss, nothing else. Returns the time of each timed step."""
+    from components.algos.batch import build_batch
+    from components.data.datamodule import PromptDataModule
+    from components.policy import encode_prompt, load_policy
+    from components.types import Group, Rollout
+
+    model, tok = load_policy(args.model_path)
+    model.train()
+    dm = PromptDataModule(batch_size=args.prompts)
+    dm.setup("fit")
+    n_resp = max(1, round(statistics.mean(lengths))) if lengths else args.new_tokens
+    out = []
+    for step in range(n_steps):
+        groups = []
+        for p in dm.draw(args.prompts):
+            rs = [Rollout([5 + (i + j) % 60 for j in range(n_resp)], [0.0] * n_resp, "", True) for i in range(args.group)]
+            groups.append(Group(p, encode_prompt(tok, p.text), rs))
+        b = build_batch(groups, tok.pad_token_id)
+        t0 = time.perf_counter()
+        for rows in torch.arange(b.size).tensor_split(args.minibatches):
+            logits = model(input_ids=b.input_ids[rows], attention_mask=b.attention_mask[rows]).logits
+            lp = torch.log_softmax(logits[:, b.context_width - 1 : -1].float(), -1)
+            lp = lp.gather(-1, b.input_ids[rows, b.context_width :, None]).squeeze(-1)
+            (-(lp * b.response_mask[rows]).sum() / b.response_mask[rows].sum()).backward()
+        if step >= args.warmup:
+            out.append(time.perf_counter() - t0)
+    return out
+
+
 def _summary(steps: list[dict[str, float]]) -> dict[str, float]:
     out = {p: statistics.median(s.get(p, 0.0) for s in steps) for p in [*PHASES, "total"]}
     out["other"] = statistics.median(s["total"] - sum(s.get(p, 0.0) for p in PHASES) for s in steps)
@@ -231,18 +273,33 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6, help="generation batches per block")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps at the start of each block")
     ap.add_argument("--shared-prompt", type=lambda v: v.lower() in ("1", "true", "yes"), default=True)
+    ap.add_argument("--prompts", type=int, default=16, help="prompts per step (both sides)")
+    ap.add_argument("--group", type=int, default=8, help="rollouts per prompt (both sides)")
+    ap.add_argument(
+        "--model", default="tiny", help="tiny (the embedded model) or llama40m (random ~41M Llama, scripts/bench_generate.py)"
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     ours, trl = Phases(), Phases()
+    limit: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
+        args.model_path = "embedded:tiny"
+        if args.model == "llama40m":
+            import sys
+
+            sys.path.insert(0, str(ROOT / "scripts"))
+            from bench_generate import build_llama_40m
+
+            args.model_path = str(build_llama_40m(Path(tmp) / "llama40m"))
         os.chdir(tmp)
         for r in range(args.rounds):
             run_ours(args, ours, args.steps + args.warmup, seed=r)
             run_trl(args, trl, args.steps + args.warmup, seed=r, tmp=tmp)
+            limit += run_limit(args, ours.lengths, args.steps + args.warmup)
     a, b = _summary(ours.steps), _summary(trl.steps)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
-        f"16 prompts x G=8, {args.new_tokens} new tokens, {args.minibatches} updates per generation batch, "
+        f"{args.model}: {args.prompts} prompts x G={args.group}, {args.new_tokens} new tokens, {args.minibatches} updates per generation batch, "
         f"shared_prompt={args.shared_prompt}, 1 thread; {len(ours.steps)} / {len(trl.steps)} timed steps "
         f"over {args.rounds} interleaved rounds; load average {load:.1f}"
     )
@@ -251,6 +308,13 @@ def main() -> None:
         ratio = a[p] / b[p] if b[p] > 0 else float("nan")
         print(f"{p:<20}{a[p] * 1e3:>11.1f}{a[p] / a['total']:>7.0%}{b[p] * 1e3:>11.1f}{b[p] / b['total']:>7.0%}{ratio:>8.2f}")
     print(f"step time ratio curate-rl / TRL: {a['total'] / b['total']:.2f}")
+    # The floor: one plain forward + backward per update, plus generation at our measured speed.
+    floor = statistics.median(limit) + a["generate"]
+    print(
+        f"physical limit (one fwd+bwd per update {statistics.median(limit) * 1e3:.1f} ms + our generation "
+        f"{a['generate'] * 1e3:.1f} ms; mean rollout {statistics.mean(ours.lengths):.1f} tokens): "
+        f"{floor * 1e3:.1f} ms; curate-rl / limit {a['total'] / floor:.2f}, TRL / limit {b['total'] / floor:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -81,7 +81,7 @@ _ACTIVE: list[list[SharedPrefixLayer]] = []  # the cache of the decode step runn
 
 
 def _attention(
-    module: torch.nn.Module,
+    attn: torch.nn.Module,  # the attention layer (transformers passes it positionally)
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
@@ -90,7 +90,7 @@ def _attention(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """``query`` (rows, heads, 1, d) against the row's context (shared) and its generated tokens."""
-    layer = _ACTIVE[-1][module.layer_idx]
+    layer = _ACTIVE[-1][attn.layer_idx]
     lay = layer.layout
     rows, heads, q_len, d = query.shape
     u, kv_heads, c, _ = layer.pk.shape
