@@ -108,6 +108,7 @@ def run_ours(args: argparse.Namespace, phases: Phases, n_steps: int, seed: int) 
             "--model.micro_batch_rows", "512",
             "--model.skip_zero_advantage", "false",
             "--model.shared_prompt", str(args.shared_prompt).lower(),
+            "--model.old_logprobs", args.old_logprobs,
             "--model.loss.kl_coef", "0.0",
             "--model.eval.at_start", "false",
             "--model.export_dir", "null",
@@ -273,6 +274,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6, help="generation batches per block")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps at the start of each block")
     ap.add_argument("--shared-prompt", type=lambda v: v.lower() in ("1", "true", "yes"), default=True)
+    ap.add_argument(
+        "--old-logprobs", default="recompute", choices=["recompute", "sampling"], help="our side's model.old_logprobs"
+    )
     ap.add_argument("--prompts", type=int, default=16, help="prompts per step (both sides)")
     ap.add_argument("--group", type=int, default=8, help="rollouts per prompt (both sides)")
     ap.add_argument(
@@ -300,7 +304,7 @@ def main() -> None:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
         f"{args.model}: {args.prompts} prompts x G={args.group}, {args.new_tokens} new tokens, {args.minibatches} updates per generation batch, "
-        f"shared_prompt={args.shared_prompt}, 1 thread; {len(ours.steps)} / {len(trl.steps)} timed steps "
+        f"shared_prompt={args.shared_prompt}, old_logprobs={args.old_logprobs}, 1 thread; {len(ours.steps)} / {len(trl.steps)} timed steps "
         f"over {args.rounds} interleaved rounds; load average {load:.1f}"
     )
     print(f"{'phase (median ms)':<20}{'curate-rl':>11}{'share':>7}{'TRL':>11}{'share':>7}{'ratio':>8}")

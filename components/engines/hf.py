@@ -42,6 +42,7 @@ class HFEngine(RolloutEngine):
     """
 
     keyed = True
+    exact_logprobs = True
 
     def __init__(self, max_batch_rows: int = 512, max_context_tokens: int | None = None) -> None:
         self.max_batch_rows = max_batch_rows
