@@ -48,33 +48,44 @@ class RowLayout:
 
 class SharedPrefixLayer(DynamicLayer):
     """One layer's cache: the prefilled contexts' keys and values once each, every row's generated
-    keys and values in a buffer of ``steps`` slots written in place."""
+    keys and values in a step-major buffer ``(steps, rows, kv_heads, d)`` written in place.
+
+    Step-major because a fresh buffer's pages are only touched when written: each step writes one
+    contiguous block, where a row-major buffer would touch every page of it at the first step.
+    """
 
     def __init__(self, prefix: DynamicLayer, layout: RowLayout, rows: int, steps: int) -> None:
         super().__init__()
         self.dtype, self.device, self.is_initialized = prefix.dtype, prefix.device, True
         self.layout = layout
         self.pk, self.pv = prefix.keys.contiguous(), prefix.values.contiguous()
-        u, h, _, d = self.pk.shape
-        self.sk = self.pk.new_empty((rows, h, steps, d))
-        self.sv = self.pv.new_empty((rows, h, steps, self.pv.shape[-1]))
+        h = self.pk.shape[1]
+        self.sk = self.pk.new_empty((steps, rows, h, self.pk.shape[-1]))
+        self.sv = self.pv.new_empty((steps, rows, h, self.pv.shape[-1]))
         self.n = 0
-        self.keys, self.values = self.sk[:, :, :0], self.sv[:, :, :0]
+        self._views()
+
+    def _views(self) -> None:
+        self.keys = self.sk[: self.n].permute(1, 2, 0, 3)  # (rows, kv_heads, n, d)
+        self.values = self.sv[: self.n].permute(1, 2, 0, 3)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         q = key_states.shape[-2]
-        self.sk[:, :, self.n : self.n + q] = key_states
-        self.sv[:, :, self.n : self.n + q] = value_states
+        self.sk[self.n : self.n + q] = key_states.permute(2, 0, 1, 3)
+        self.sv[self.n : self.n + q] = value_states.permute(2, 0, 1, 3)
         self.n += q
-        self.keys, self.values = self.sk[:, :, : self.n], self.sv[:, :, : self.n]
+        self._views()
         return self.keys, self.values
 
     def get_seq_length(self) -> int:
         return self.pk.shape[-2] + self.n
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self.sk, self.sv = self.sk[indices], self.sv[indices]
-        self.keys, self.values = self.sk[:, :, : self.n], self.sv[:, :, : self.n]
+        sk = self.sk.new_empty((self.sk.shape[0], len(indices), *self.sk.shape[2:]))
+        sv = self.sv.new_empty((self.sv.shape[0], len(indices), *self.sv.shape[2:]))
+        sk[: self.n], sv[: self.n] = self.sk[: self.n, indices], self.sv[: self.n, indices]
+        self.sk, self.sv = sk, sv
+        self._views()
 
 
 _ACTIVE: list[list[SharedPrefixLayer]] = []  # the cache of the decode step running now (one at a time)
