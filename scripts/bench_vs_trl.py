@@ -25,8 +25,10 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
+import zlib
 from collections import defaultdict
 from pathlib import Path
 
@@ -38,6 +40,13 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = ["generate", "scoring", "forward", "backward", "optimizer"]
+
+
+def coin(prompts: list[str], completions: list[str], **kwargs) -> list[float]:
+    """``--reward coin``: 0 or 1 from a hash of the completion, the same on both sides. A model with
+    random weights (``--model llama40m``) never passes the verifier, so every group would be
+    degenerate and our side would skip its update; this keeps both sides training."""
+    return [float(zlib.crc32(c.encode()) & 1) for c in completions]
 
 
 class Phases:
@@ -109,6 +118,7 @@ def run_ours(args: argparse.Namespace, phases: Phases, n_steps: int, seed: int) 
             "--model.skip_zero_advantage", "false",
             "--model.shared_prompt", str(args.shared_prompt).lower(),
             "--model.old_logprobs", args.old_logprobs,
+            *(["--model.reward", "bench_vs_trl:coin"] if args.reward == "coin" else []),
             "--model.loss.kl_coef", "0.0",
             "--model.eval.at_start", "false",
             "--model.export_dir", "null",
@@ -204,7 +214,9 @@ def run_trl(args: argparse.Namespace, phases: Phases, n_steps: int, seed: int, t
     )
     # An explicit fingerprint: datasets' own hashing of the table's schema fails with some pyarrow builds.
     ds = Dataset(pa.Table.from_pylist(rows), fingerprint=f"bench-{seed}")
-    trainer = GRPOTrainer(model=model, reward_funcs=[verifier], args=cfg, train_dataset=ds, processing_class=tok)
+    trainer = GRPOTrainer(
+        model=model, reward_funcs=[coin if args.reward == "coin" else verifier], args=cfg, train_dataset=ds, processing_class=tok
+    )
 
     class Clock(TrainerCallback):
         def on_train_begin(self, a, state, control, optimizer=None, **kw):
@@ -277,6 +289,7 @@ def main() -> None:
     ap.add_argument(
         "--old-logprobs", default="recompute", choices=["recompute", "sampling"], help="our side's model.old_logprobs"
     )
+    ap.add_argument("--reward", default="verifier", choices=["verifier", "coin"], help="both sides' reward (see coin)")
     ap.add_argument("--prompts", type=int, default=16, help="prompts per step (both sides)")
     ap.add_argument("--group", type=int, default=8, help="rollouts per prompt (both sides)")
     ap.add_argument(
@@ -288,10 +301,8 @@ def main() -> None:
     limit: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         args.model_path = "embedded:tiny"
+        sys.path.insert(0, str(ROOT / "scripts"))  # bench_vs_trl:coin, bench_generate
         if args.model == "llama40m":
-            import sys
-
-            sys.path.insert(0, str(ROOT / "scripts"))
             from bench_generate import build_llama_40m
 
             args.model_path = str(build_llama_40m(Path(tmp) / "llama40m"))
@@ -304,7 +315,7 @@ def main() -> None:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
         f"{args.model}: {args.prompts} prompts x G={args.group}, {args.new_tokens} new tokens, {args.minibatches} updates per generation batch, "
-        f"shared_prompt={args.shared_prompt}, old_logprobs={args.old_logprobs}, 1 thread; {len(ours.steps)} / {len(trl.steps)} timed steps "
+        f"reward {args.reward}, shared_prompt={args.shared_prompt}, old_logprobs={args.old_logprobs}, 1 thread; {len(ours.steps)} / {len(trl.steps)} timed steps "
         f"over {args.rounds} interleaved rounds; load average {load:.1f}"
     )
     print(f"{'phase (median ms)':<20}{'curate-rl':>11}{'share':>7}{'TRL':>11}{'share':>7}{'ratio':>8}")
