@@ -6,7 +6,7 @@ temperature 1, no KL, GRPO advantage and seq-mean-token-mean loss, one torch thr
 rows not skipped) with the same update schedule: one generation batch feeds ``--minibatches``
 optimizer updates (TRL: ``steps_per_generation``). A "step" is one generation batch on both sides
 (TRL: ``steps_per_generation`` optimizer steps). Runs alternate between the sides in blocks
-(``--rounds`` x ``--steps`` steps each, the first ``--warmup`` steps of a block untimed) so
+(``--rounds`` x ``--steps`` steps each, the first ``--warmup`` steps and the last of a block untimed) so
 that load from other processes hits both alike; the script prints per-phase medians and the ratio.
 TRL runs in fp32 without gradient checkpointing (its GRPOConfig defaults to bf16 and checkpointing),
 like our side.
@@ -89,7 +89,9 @@ def run_ours(args: argparse.Namespace, phases: Phases, n_steps: int, seed: int) 
             phases.mark(record=trainer.global_step > args.warmup)
 
         def on_train_end(self, trainer, pl_module) -> None:
-            phases.mark(record=True)
+            # The last step is not recorded: its span would include the end of the fit (the final
+            # checkpoint, seconds for a 40M model and its optimizer state).
+            phases.mark(record=False)
             phases.t_start = None
 
         def on_train_start(self, trainer, pl_module) -> None:
@@ -228,7 +230,7 @@ def run_trl(args: argparse.Namespace, phases: Phases, n_steps: int, seed: int, t
                 phases.mark(record=state.global_step // s > args.warmup)
 
         def on_train_end(self, a, state, control, **kw):
-            phases.mark(record=True)
+            phases.mark(record=False)  # as on our side: the end of the fit is not a step
             phases.t_start = None
 
     phases.wrap(model, "generate", "generate")
