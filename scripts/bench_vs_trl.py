@@ -1,7 +1,9 @@
 """Step time of curate-rl's GRPO step against TRL's GRPOTrainer, same model, batch and schedule.
 
-Both sides train the embedded tiny Llama (char tokenizer, identical prompt token ids: TRL gets
-``"<bos>" + text``) on the same prompts (16 per step x G = 8 rollouts, ``--new-tokens`` new tokens,
+Both sides train the embedded tiny Llama (``--model llama40m``: a random ~41M Llama over the same
+char tokenizer, built as scripts/bench_generate.py builds it; identical prompt token ids: TRL gets
+``"<bos>" + text``) on the same prompts (``--prompts`` 16 per step x ``--group`` G = 8 rollouts,
+``--new-tokens`` new tokens, the task's verifier or ``--reward coin`` on both sides,
 temperature 1, no KL, GRPO advantage and seq-mean-token-mean loss, one torch thread, zero-advantage
 rows not skipped) with the same update schedule: one generation batch feeds ``--minibatches``
 optimizer updates (TRL: ``steps_per_generation``). A "step" is one generation batch on both sides
@@ -14,8 +16,12 @@ like our side.
     pip install -e ".[bench]"      # TRL 1.16.0 (an optional benchmark dependency)
     python scripts/bench_vs_trl.py --new-tokens 8
     python scripts/bench_vs_trl.py --new-tokens 32 --minibatches 4
+    python scripts/bench_vs_trl.py --model llama40m --reward coin --prompts 4 --group 4 --steps 3
 
-Phases: generate (HF ``generate``), scoring (the same verifier on both sides), forward (every
+It also prints a physical limit: one plain forward + backward per optimizer update over rows shaped
+like the measured step (no framework, no old-log-prob pass), plus our measured generation time.
+
+Phases: generate (the engine's generate on our side, HF ``generate`` on TRL's), scoring (the same verifier on both sides), forward (every
 policy forward outside generation: old log-probs and the loss), backward, optimizer (step +
 zero_grad + gradient clipping), other (the rest: batching, advantages, metrics, the framework's loop).
 """

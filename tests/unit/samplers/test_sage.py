@@ -163,8 +163,6 @@ def test_bad_sage_settings_name_the_field(kwargs, field):
         SAGESampler(**kwargs)
 
 
-
-
 # ---- hinting composed with other samplers ------------------------------------------------------
 
 

@@ -213,8 +213,6 @@ def test_tis_cap_one_scales_the_update_and_the_gap_is_reported(tiny):
     assert sum(v.abs().sum() for v in d_on.values()) < 0.01 * sum(v.abs().sum() for v in d_off.values())
 
 
-
-
 def test_old_logprobs_from_sampling_equal_the_recomputed_update_when_the_engine_is_exact(tiny):
     """With sampling log-probs that are the policy's own (as the HF engine's are), taking them as the
     old log-probs gives the update the no-grad pass gives, without the pass."""
