@@ -147,7 +147,7 @@ def sample_step(
     if top_p < 1.0:
         scores = TopPLogitsWarper(top_p)(None, scores)
     logp = torch.log_softmax(scores, -1)
-    cdf = logp.double().exp().cumsum(-1)
+    cdf = torch.cumsum(logp.exp(), -1, dtype=torch.float64)  # float64: exact enough for a 150k vocabulary
     target = row_uniforms(keys, step) * cdf[:, -1]
     tok = torch.searchsorted(cdf, target[:, None], right=True).squeeze(1).clamp(max=logits.shape[1] - 1)
     return tok, logp.gather(1, tok[:, None]).squeeze(1)
