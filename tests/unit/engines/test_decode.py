@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from components.data.datamodule import PromptDataModule
@@ -115,3 +116,27 @@ def test_batched_and_per_item_evaluation_agree():
         assert [r.token_ids for r in one] == [r.token_ids for r in whole[i]]
     assert keys[0] != keys[len(dm.heldout)] and held[0].uid == held[len(dm.heldout)].uid
     assert 0 < batched["eval/pass_at_1"] < 1
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_grouped_query_attention_and_the_copied_cache_path_sample_the_policy(shared, monkeypatch):
+    """A model with fewer key/value heads than query heads, through the shared-context attention and
+    through the path that copies each context's cache to its rows (models it does not cover)."""
+    from transformers import LlamaForCausalLM
+
+    from components.engines import shared_prefix
+    from components.policy import tiny_config
+
+    if not shared:
+        monkeypatch.setattr(shared_prefix, "supported", lambda model: False)
+    _, tok = load_policy("embedded:tiny")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_config(len(tok), tok, num_attention_heads=4, num_key_value_heads=2)).eval()
+    eng = HFEngine()
+    eng.bind(model, tok)
+    ctxs = [encode_prompt(tok, t) for t in ["12 + 30 =", "7 - 3 =", "123 + 4 ="]]
+    outs = eng.generate(ctxs, [3, 2, 4], SamplingParams(1.0, 1.0, 12), keys=torch.tensor([1, 2, 3]))
+    for c, rs in zip(ctxs, outs):
+        for r in rs:
+            assert (teacher_forced(model, c, r.token_ids, 1.0) - torch.tensor(r.logprobs)).abs().max() < 1e-4
+    assert model.config._attn_implementation == "sdpa"  # switched back after decoding
