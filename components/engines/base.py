@@ -76,6 +76,13 @@ class RolloutEngine(ABC):
     its memory); :meth:`sync_weights` after every optimizer step; :meth:`close` at teardown.
     """
 
+    #: ``generate`` accepts ``keys`` (an int64 key per context): each rollout then draws from its own
+    #: stream, derived from (its context's key, its sample number), whatever else is in the call.
+    keyed: bool = False
+    #: the sampling log-probs are the policy's own forward's to float rounding when top_p is 1 (the
+    #: engine samples from the policy's weights at full precision): they may stand in for old log-probs.
+    exact_logprobs: bool = False
+
     def bind(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
         """Called once by the module with the policy and its tokenizer."""
         self.model = model

@@ -75,6 +75,12 @@ class PolicyModule(L.LightningModule):
         skip_zero_advantage: leave rollouts whose advantage is 0 on every token out of the
             forward/backward pass when that is exact (no KL, no entropy term): they have zero
             gradient, and still count in the aggregate's denominator. A pure speed-up.
+        old_logprobs: where the old log-probs of a batch reused for several updates come from:
+            ``recompute`` (a no-grad pass over the rows the first update does not forward) or
+            ``sampling`` (the engine's sampling log-probs: equal to float rounding with the HF
+            engine, top-p 1 and full precision, when the loss scores each rollout on the context it
+            was sampled from, which every shipped sampler does; ``rollout/logprob_gap_*`` checks it
+            on the first update's rows). ``sampling`` saves that pass.
         eval: held-out evaluation settings.
         chat_template: force the chat template on/off (default: use it if the tokenizer has one).
         num_threads: torch CPU threads (1 is fastest for small models on shared cores).
@@ -100,6 +106,7 @@ class PolicyModule(L.LightningModule):
         grad_clip: float = 1.0,
         skip_zero_advantage: bool = True,
         shared_prompt: bool = True,
+        old_logprobs: str = "recompute",
         eval: EvalConfig = EvalConfig(),
         chat_template: bool | None = None,
         num_threads: int | None = 1,
@@ -117,6 +124,14 @@ class PolicyModule(L.LightningModule):
         ):
             if val < 1:
                 raise ConfigError(name, f"must be >= 1, got {val}")
+        if old_logprobs not in ("recompute", "sampling"):
+            raise ConfigError("model.old_logprobs", f"must be recompute or sampling, got {old_logprobs!r}")
+        if old_logprobs == "sampling" and not (engine.exact_logprobs and sampling.top_p == 1.0 and sampling.temperature > 0):
+            raise ConfigError(
+                "model.old_logprobs",
+                "sampling needs an engine whose log-probs are the policy's own (the HF engine), top_p 1 and "
+                "temperature > 0; use recompute",
+            )
         if loss.tis_cap is not None and not loss.tis_cap > 0:
             raise ConfigError("model.loss.tis_cap", f"must be a positive number (e.g. 2.0) or null, got {loss.tis_cap}")
         get_advantage(advantage.name), get_aggregation(loss.agg), get_policy_loss(loss.name)  # unknown names fail here
@@ -135,7 +150,10 @@ class PolicyModule(L.LightningModule):
         self.ref_policy = None
         if loss.kl_coef > 0:
             self.ref_policy = copy.deepcopy(self.policy).eval().requires_grad_(False)
-        self.updater = Updater(loss, ppo_epochs, num_minibatches, micro_batch_rows, skip_zero_advantage)
+        self.old_logprobs = old_logprobs
+        self.updater = Updater(
+            loss, ppo_epochs, num_minibatches, micro_batch_rows, skip_zero_advantage, old_logprobs == "sampling"
+        )
         self.engine.bind(self.policy, self.tokenizer)
         # Per-prompt outcome history (for never-solved fraction), cumulative budget: checkpointed.
         self.prompt_history: dict[str, list[int]] = {}
@@ -184,6 +202,11 @@ class PolicyModule(L.LightningModule):
         dm = self.trainer.datamodule
         if dm is None:
             raise ConfigError("data", "the policy module needs a PromptDataModule (set data: in the config)")
+        if self.old_logprobs == "sampling" and str(self.trainer.precision) not in ("32-true", "32", "64-true", "64"):
+            raise ConfigError(
+                "model.old_logprobs",
+                f"sampling needs full precision (trainer.precision 32-true), got {self.trainer.precision}; use recompute",
+            )
         # The pass-rate pre-filter runs with the run's initial policy, before the pool is sharded.
         report = dm.filter_pool(self.handle) if hasattr(dm, "filter_pool") else None
         if report is not None:

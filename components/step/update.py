@@ -103,9 +103,14 @@ class Updater:
     same gradient for a fraction of the compute. Skipped rows never reach
     :meth:`~components.callbacks.base.SignalCallback.on_micro_batch`.
 
+    With ``old_from_sampling`` the rows outside the first update take the engine's sampling
+    log-probs as their old log-probs instead of a no-grad pass: the same numbers to float rounding
+    when the engine samples from the policy itself (the HF engine, top-p 1, each rollout scored on
+    the context it was sampled from), so one forward + backward per update is all the step runs.
+
     Logs ``rollout/logprob_gap_max`` / ``_mean`` (the engine's sampling log-probs against the
-    trainer's before any update: over every row when old log-probs are recorded, else over the
-    rows that are forwarded) and, with ``loss.tis_cap``, ``rollout/tis_weight_mean`` and
+    trainer's before any update: over every row when old log-probs are recorded by a pass, else
+    over the rows that are forwarded before the first update) and, with ``loss.tis_cap``, ``rollout/tis_weight_mean`` and
     ``rollout/tis_capped_frac``.
     """
 
@@ -116,10 +121,12 @@ class Updater:
         num_minibatches: int = 1,
         micro_batch_rows: int = 512,
         skip_zero_advantage: bool = True,
+        old_from_sampling: bool = False,
     ) -> None:
         self.loss_cfg, self.policy_loss = loss_cfg, get_policy_loss(loss_cfg.name)
         self.ppo_epochs, self.num_minibatches, self.micro_batch_rows = ppo_epochs, num_minibatches, micro_batch_rows
         self.skip_zero_advantage = skip_zero_advantage
+        self.old_from_sampling = old_from_sampling
 
     @property
     def reuses_batch(self) -> bool:
@@ -149,7 +156,11 @@ class Updater:
             fill_old[minibatches[0][runs[minibatches[0]]]] = True
             batch.old_logprobs = torch.zeros_like(batch.response_mask)
             rest = (~fill_old).nonzero().squeeze(-1)
-            if len(rest):
+            if len(rest) and self.old_from_sampling:
+                # The engine's log-probs are the policy's own before any update, to float rounding
+                # (checked on the first update's rows: rollout/logprob_gap_*): no extra pass.
+                batch.old_logprobs[rest] = batch.sampling_logprobs[rest]
+            elif len(rest):
                 batch.old_logprobs[rest] = self._logprobs(handle, batch, rest)[0]
                 gap.add(batch.old_logprobs[rest], batch.sampling_logprobs[rest], batch.response_mask[rest])
         if handle.ref_policy is not None and lc.kl_coef > 0:

@@ -24,8 +24,8 @@ def test_hf_engine_trains_on_a_model_with_a_nasty_generation_config(tmp_path, mo
     gaps: list[float] = []
     original = HFEngine.generate
 
-    def probed(self, contexts, n_each, params):
-        outs = original(self, contexts, n_each, params)
+    def probed(self, contexts, n_each, params, **kw):
+        outs = original(self, contexts, n_each, params, **kw)
         if params.temperature > 0 and params.top_p == 1.0:
             gaps.append(max_gap(self.model, contexts, outs, params.temperature))
         return outs

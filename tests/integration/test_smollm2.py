@@ -38,8 +38,8 @@ def test_smollm2_chat_template_fit(tmp_path, monkeypatch):
     lengths: list[int] = []
     original = HFEngine.generate
 
-    def probed(self, contexts, n_each, params):
-        outs = original(self, contexts, n_each, params)
+    def probed(self, contexts, n_each, params, **kw):
+        outs = original(self, contexts, n_each, params, **kw)
         for c, rs in zip(contexts, outs):
             for r in rs:
                 lengths.append(len(r.token_ids))

@@ -163,8 +163,6 @@ def test_bad_sage_settings_name_the_field(kwargs, field):
         SAGESampler(**kwargs)
 
 
-
-
 # ---- hinting composed with other samplers ------------------------------------------------------
 
 
@@ -245,7 +243,7 @@ def test_the_loss_sees_the_hinted_context_and_evaluation_never_does(inner):
     prompts = [Prompt(uid=f"u{i}", task="t", text=f"12{i} + 456 =", answer=str(579 + i)) for i in range(2)]
     seen: list[list[list[int]]] = []
     generate = module.engine.generate
-    module.engine.generate = lambda c, n, p: (seen.append(c), generate(c, n, p))[1]
+    module.engine.generate = lambda c, n, p, **kw: (seen.append(c), generate(c, n, p, **kw))[1]
 
     groups = module.sampler.collect(prompts, module.handle)
     hinted = [module.encode_text(f"{p.text} {p.answer[0]}") for p in prompts]  # level 1: the answer's first digit

@@ -213,3 +213,31 @@ def test_tis_cap_one_scales_the_update_and_the_gap_is_reported(tiny):
     assert sum(v.abs().sum() for v in d_on.values()) < 0.01 * sum(v.abs().sum() for v in d_off.values())
 
 
+def test_old_logprobs_from_sampling_equal_the_recomputed_update_when_the_engine_is_exact(tiny):
+    """With sampling log-probs that are the policy's own (as the HF engine's are), taking them as the
+    old log-probs gives the update the no-grad pass gives, without the pass."""
+    model, tok = tiny
+    groups = _groups(7, n_groups=4)
+    for g in groups:
+        for i, r in enumerate(g.rollouts):
+            r.reward = float(i % 2)
+    exact = build_batch(groups, tok.pad_token_id)
+    with torch.no_grad():
+        exact.sampling_logprobs = forward_logprobs(model, exact, torch.arange(exact.size))[0]
+    deltas, forwarded = [], []
+    for from_sampling in (False, True):
+        policy = copy.deepcopy(model)
+        batch = copy.deepcopy(exact)
+        batch.advantages = (batch.rewards - 0.5).unsqueeze(1) * batch.response_mask
+        handle = ModelHandle(policy, tok)
+        calls = []
+        logprobs = handle.logprobs
+        handle.logprobs = lambda b, rows=None, m=None, grad=False: (calls.append(grad), logprobs(b, rows, m, grad))[1]
+        before = {k: v.clone() for k, v in policy.state_dict().items()}
+        torch.manual_seed(0)
+        metrics = Updater(LossConfig(), 1, 4, 3, True, from_sampling).run(batch, handle, _SGD(policy, lr=0.1).hooks())
+        deltas.append({k: policy.state_dict()[k] - before[k] for k in before})
+        forwarded.append(calls)
+        assert metrics["rollout/logprob_gap_max"] < 1e-5
+    assert False in forwarded[0] and False not in forwarded[1]  # no no-grad pass with sampling
+    assert all(torch.allclose(deltas[0][k], deltas[1][k], atol=1e-6) for k in deltas[0])
