@@ -170,8 +170,8 @@ def decode(
     """Sample ``len(row_context)`` rollouts: row ``r`` continues ``contexts[row_context[r]]`` with
     the random stream of ``keys[r]``.
 
-    ``stop_check(history, n_new)`` (optional) is called after each step with the live rows' token
-    history ``(live, context_width + n_new)`` and returns a bool per live row: a stop string has
+    ``stop_check(generated, n_new)`` (optional) is called after each step with the live rows'
+    generated tokens ``(live, n_new)`` (never the context) and returns a bool per live row: a stop string has
     just been completed (the row ends, finished, keeping that token).
     """
     device = model.device
@@ -259,7 +259,9 @@ def _loop(
         done = is_eos
         if history is not None:
             history[:, width + step] = tok
-            done = done | (stop_check(history[:, : width + step + 1], step + 1).cpu() & alive)
+            # Only the generated part: a stop string is matched in what the model wrote, never
+            # across the end of the context (as vLLM matches it).
+            done = done | (stop_check(history[:, width : width + step + 1], step + 1).cpu() & alive)
         if bool(done.any()):
             length[live[done]] = step + 1
             finished[live[done]] = True

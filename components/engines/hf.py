@@ -13,6 +13,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, StopStringCri
 
 from components.engines.base import RolloutEngine, SamplingParams, eos_token_ids
 from components.engines.decode import decode, derive_keys
+from components.engines.hf_generate import HFGenerateEngine
 from components.errors import ConfigError
 from components.types import Rollout
 
@@ -34,6 +35,12 @@ class HFEngine(RolloutEngine):
     this. Without, every row's key is drawn from torch's global generator (one draw per row per
     call), so a run seeded and resumed with its RNG state samples the same rollouts.
 
+    Under FSDP over two or more ranks every forward is a collective, so every rank must run as many
+    forwards as the others, while this loop stops when its own rows end. There the engine samples
+    through transformers' ``generate`` (:class:`~components.engines.hf_generate.HFGenerateEngine`),
+    which keeps sharded ranks in step (``synced_gpus``, on for FSDP-managed models); it takes no
+    keys, so evaluation draws come from torch's generator as training's do (docs/operations.md).
+
     Args:
         max_batch_rows: rows per decode batch; larger calls are split (contexts of similar length
             together, a context's rollouts in one batch).
@@ -51,6 +58,19 @@ class HFEngine(RolloutEngine):
     def bind(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
         super().bind(model, tokenizer)
         self.eos_ids = eos_token_ids(model, tokenizer)
+
+    def _lockstep_engine(self) -> HFGenerateEngine | None:
+        """transformers' ``generate`` on the same weights when ranks must run in step, else None."""
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return None
+        from transformers.integrations.fsdp import is_fsdp_managed_module
+
+        if not is_fsdp_managed_module(self.model):
+            return None
+        engine = HFGenerateEngine(self.max_batch_rows, self.max_context_tokens)
+        engine.bind(self.model, self.tokenizer)
+        return engine
 
     def _limit(self) -> int | None:
         return self.max_context_tokens or getattr(self.model.config, "max_position_embeddings", None)
@@ -76,6 +96,9 @@ class HFEngine(RolloutEngine):
         self, contexts: list[list[int]], n_each: list[int], params: SamplingParams, keys: torch.Tensor | None = None
     ) -> list[list[Rollout]]:
         """``keys``: optional int64 key per context (see the class docstring)."""
+        lockstep = self._lockstep_engine()
+        if lockstep is not None:
+            return lockstep.generate(contexts, n_each, params)
         limit = self._limit()
         for c in contexts:
             if limit is not None and len(c) + params.max_new_tokens > limit:

@@ -75,6 +75,27 @@ def test_stop_strings_end_a_rollout():
         assert teacher_forced(model, ctx, r.token_ids, 1.0).sub(torch.tensor(r.logprobs)).abs().max() < 1e-4
 
 
+def test_stop_string_is_matched_in_the_generated_text_only():
+    """A context ending in '=' and the stop string '= ': a stop is only what the model wrote (as
+    vLLM matches it), so a rollout starting with ' ' does not end on it."""
+    model, tok = load_policy("embedded:tiny")
+    eng = HFEngine()
+    eng.bind(model, tok)
+    ctx = encode_prompt(tok, "12 + 30 =")
+    torch.manual_seed(0)
+    rs = eng.generate([ctx], [8], SamplingParams(1.0, 1.0, 8, stop=["= "]))[0]
+    assert all("= " in r.text or not r.finished or r.token_ids[-1] in eng.eos_ids for r in rs)
+    assert any(len(r.token_ids) > 1 for r in rs)
+
+
+def test_lockstep_engine_only_under_sharded_ranks():
+    """Outside torch.distributed (and for an unsharded model) the decode loop samples itself."""
+    model, tok = load_policy("embedded:tiny")
+    eng = HFEngine()
+    eng.bind(model, tok)
+    assert eng._lockstep_engine() is None
+
+
 # ---- vLLM engine: sleep mode against the stand-in (real vLLM refuses sleep mode on CPU) ----------
 
 
