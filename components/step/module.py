@@ -101,7 +101,7 @@ class PolicyModule(L.LightningModule):
         loss: LossConfig = LossConfig(),
         optimizer: OptimizerCallable | None = DEFAULT_OPTIMIZER,  # a spec; the CLI passes a callable
         ppo_epochs: int = 1,
-        num_minibatches: int = 4,
+        num_minibatches: int = 2,
         micro_batch_rows: int = 512,
         grad_clip: float = 1.0,
         skip_zero_advantage: bool = True,
