@@ -110,3 +110,36 @@ class RolloutEngine(ABC):
         """Push the trained weights into the engine. The HF engine generates with the policy itself,
         so it has nothing to do; engines with their own weights override this."""
         return None
+
+
+class PolicyWeightsEngine(RolloutEngine):
+    """An engine that samples with the policy module's own weights (nothing to sync): the shared
+    set-up of the HF engines, the EOS ids and the context-length check.
+
+    Args:
+        max_batch_rows: rows per decode batch; larger calls are split.
+        max_context_tokens: a context plus ``max_new_tokens`` longer than this is refused with a
+            clear error (default: the model's ``max_position_embeddings``).
+    """
+
+    def __init__(self, max_batch_rows: int = 512, max_context_tokens: int | None = None) -> None:
+        self.max_batch_rows = max_batch_rows
+        self.max_context_tokens = max_context_tokens
+
+    def bind(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+        super().bind(model, tokenizer)
+        self.eos_ids = eos_token_ids(model, tokenizer)
+
+    def _limit(self) -> int | None:
+        return self.max_context_tokens or getattr(self.model.config, "max_position_embeddings", None)
+
+    def check_context(self, contexts: list[list[int]], params: SamplingParams) -> None:
+        """Refuse a context that cannot fit ``max_new_tokens`` more tokens, naming the fix."""
+        limit = self._limit()
+        for c in contexts:
+            if limit is not None and len(c) + params.max_new_tokens > limit:
+                raise ConfigError(
+                    "model.sampling.max_new_tokens",
+                    f"a prompt of {len(c)} tokens plus {params.max_new_tokens} new tokens exceeds the model's "
+                    f"context of {limit}; shorten the prompt template or lower max_new_tokens",
+                )

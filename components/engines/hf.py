@@ -9,18 +9,17 @@ cache, ended rows dropped, one counter-based random stream per row).
 from __future__ import annotations
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, StopStringCriteria
+from transformers import StopStringCriteria
 
-from components.engines.base import RolloutEngine, SamplingParams, eos_token_ids
+from components.engines.base import PolicyWeightsEngine, SamplingParams
 from components.engines.decode import decode, derive_keys
 from components.engines.hf_generate import HFGenerateEngine
-from components.errors import ConfigError
 from components.types import Rollout
 
 _INT64 = (-(2**63), 2**63 - 1)
 
 
-class HFEngine(RolloutEngine):
+class HFEngine(PolicyWeightsEngine):
     """Samples on the policy module's own weights (no weight sync needed).
 
     Samples exactly what the loss assumes: ``softmax(logits / temperature)``, top-p truncated as
@@ -51,14 +50,6 @@ class HFEngine(RolloutEngine):
     keyed = True
     exact_logprobs = True
 
-    def __init__(self, max_batch_rows: int = 512, max_context_tokens: int | None = None) -> None:
-        self.max_batch_rows = max_batch_rows
-        self.max_context_tokens = max_context_tokens
-
-    def bind(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
-        super().bind(model, tokenizer)
-        self.eos_ids = eos_token_ids(model, tokenizer)
-
     def _lockstep_engine(self) -> HFGenerateEngine | None:
         """transformers' ``generate`` on the same weights when ranks must run in step, else None."""
         dist = torch.distributed
@@ -71,9 +62,6 @@ class HFEngine(RolloutEngine):
         engine = HFGenerateEngine(self.max_batch_rows, self.max_context_tokens)
         engine.bind(self.model, self.tokenizer)
         return engine
-
-    def _limit(self) -> int | None:
-        return self.max_context_tokens or getattr(self.model.config, "max_position_embeddings", None)
 
     def _batches(self, contexts: list[list[int]], n_each: list[int]) -> list[list[int]]:
         """Context indices per decode batch: identical contexts share one prefill, contexts of
@@ -99,14 +87,7 @@ class HFEngine(RolloutEngine):
         lockstep = self._lockstep_engine()
         if lockstep is not None:
             return lockstep.generate(contexts, n_each, params)
-        limit = self._limit()
-        for c in contexts:
-            if limit is not None and len(c) + params.max_new_tokens > limit:
-                raise ConfigError(
-                    "model.sampling.max_new_tokens",
-                    f"a prompt of {len(c)} tokens plus {params.max_new_tokens} new tokens exceeds the model's "
-                    f"context of {limit}; shorten the prompt template or lower max_new_tokens",
-                )
+        self.check_context(contexts, params)
         counts = torch.tensor(n_each, dtype=torch.long)
         total = int(counts.sum())
         if keys is None:  # one key per row from the global generator, in row order

@@ -1,10 +1,12 @@
 """transformers' own ``generate`` on the policy's weights: the HF engine before its decode loop.
 
-Kept as the reference the loop is measured and checked against (``scripts/bench_eval.py``,
-``tests/unit/engines/test_decode.py``), and for a model whose architecture the loop's cache does
-not cover (``model.engine: components.engines.hf_generate.HFGenerateEngine``). It samples from
-torch's global generator with ``torch.multinomial``; it takes no per-row keys. See
-:mod:`components.engines.base` for what "the sampling log-prob" means for every engine.
+Kept as the reference the loop is measured and checked against (``scripts/bench_eval.py``;
+``tests/unit/engines/test_engines.py`` checks both on-policy and at stop strings), for FSDP over two
+or more ranks (where :class:`~components.engines.hf.HFEngine` delegates to it: transformers keeps
+sharded ranks in step), and for a model whose architecture the loop's cache does not cover
+(``model.engine: components.engines.hf_generate.HFGenerateEngine``). It samples from torch's global
+generator with ``torch.multinomial``; it takes no per-row keys. See :mod:`components.engines.base`
+for what "the sampling log-prob" means for every engine.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from transformers import (
     LogitsProcessor,
     LogitsProcessorList,
     PreTrainedModel,
-    PreTrainedTokenizerBase,
     StoppingCriteria,
     StoppingCriteriaList,
     StopStringCriteria,
@@ -26,8 +27,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from components.engines.base import RolloutEngine, SamplingParams, eos_token_ids
-from components.errors import ConfigError
+from components.engines.base import PolicyWeightsEngine, SamplingParams
 from components.types import Rollout
 
 
@@ -113,7 +113,7 @@ def _no_model_generation_defaults(model: PreTrainedModel) -> Iterator[None]:
         model.generation_config = saved
 
 
-class HFGenerateEngine(RolloutEngine):
+class HFGenerateEngine(PolicyWeightsEngine):
     """Hugging Face ``generate`` on the policy module's own weights (no weight sync needed).
 
     Samples exactly what the loss assumes: every sampling knob is set explicitly (repetition penalty
@@ -128,17 +128,6 @@ class HFGenerateEngine(RolloutEngine):
         max_context_tokens: a context plus ``max_new_tokens`` longer than this is refused with a
             clear error (default: the model's ``max_position_embeddings``).
     """
-
-    def __init__(self, max_batch_rows: int = 512, max_context_tokens: int | None = None) -> None:
-        self.max_batch_rows = max_batch_rows
-        self.max_context_tokens = max_context_tokens
-
-    def bind(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
-        super().bind(model, tokenizer)
-        self.eos_ids = eos_token_ids(model, tokenizer)
-
-    def _limit(self) -> int | None:
-        return self.max_context_tokens or getattr(self.model.config, "max_position_embeddings", None)
 
     def _hf_config(self, params: SamplingParams) -> HFGenerationConfig:
         pad = self.tokenizer.pad_token_id
@@ -171,14 +160,7 @@ class HFGenerateEngine(RolloutEngine):
 
     @torch.no_grad()
     def generate(self, contexts: list[list[int]], n_each: list[int], params: SamplingParams) -> list[list[Rollout]]:
-        limit = self._limit()
-        for c in contexts:
-            if limit is not None and len(c) + params.max_new_tokens > limit:
-                raise ConfigError(
-                    "model.sampling.max_new_tokens",
-                    f"a prompt of {len(c)} tokens plus {params.max_new_tokens} new tokens exceeds the model's "
-                    f"context of {limit}; shorten the prompt template or lower max_new_tokens",
-                )
+        self.check_context(contexts, params)
         rows = [ci for ci, n in enumerate(n_each) for _ in range(n)]
         out: list[list[Rollout]] = [[] for _ in contexts]
         tok = self.tokenizer

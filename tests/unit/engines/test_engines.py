@@ -19,15 +19,17 @@ import torch
 
 from components.engines.base import SamplingParams, eos_token_ids
 from components.engines.hf import HFEngine
+from components.engines.hf_generate import HFGenerateEngine
 from components.policy import encode_prompt, load_policy
 from tests.engines import max_gap, nasty_model, sgd_step, teacher_forced, vllm_engine, vllm_weights_equal
 
 
-# ---- HF engine ----------------------------------------------------------------------------------
-def test_hf_engine_ignores_the_models_generation_config(tmp_path):
+# ---- HF engines: the decode loop, and transformers' generate (its fallback under FSDP) -------------
+@pytest.mark.parametrize("engine", [HFEngine, HFGenerateEngine])
+def test_hf_engine_ignores_the_models_generation_config(tmp_path, engine):
     model, tok = load_policy(str(nasty_model(tmp_path)))
     assert model.generation_config.repetition_penalty == 1.5 and model.generation_config.top_k == 3
-    eng = HFEngine()
+    eng = engine()
     eng.bind(model, tok)
     ctxs = [encode_prompt(tok, "12 + 30 ="), encode_prompt(tok, "7 - 3 =")]
     torch.manual_seed(0)
@@ -60,9 +62,10 @@ def test_eos_is_every_id_the_model_declares(tmp_path):
     assert all(r.finished for r in ended_on_space)
 
 
-def test_stop_strings_end_a_rollout():
+@pytest.mark.parametrize("engine", [HFEngine, HFGenerateEngine])
+def test_stop_strings_end_a_rollout(engine):
     model, tok = load_policy("embedded:tiny")
-    eng = HFEngine()
+    eng = engine()
     eng.bind(model, tok)
     ctx = encode_prompt(tok, "12 + 30 =")
     torch.manual_seed(0)
