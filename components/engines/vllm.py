@@ -313,6 +313,12 @@ class VLLMEngine(RolloutEngine):
             kwargs["kv_cache_memory_bytes"] = int(self.kv_cache_gib * 2**30)
         if self.block_size is not None:
             kwargs["block_size"] = self.block_size
+        if device.type == "cpu":
+            # A request whose prefill is split over steps (chunked prefill) has its sampled token
+            # discarded, and vLLM rewinds that request's seeded generator by an offset, which torch's
+            # CPU generators do not have ("CPU Generator does not use offset"): every request here
+            # carries a seed, so on CPU a prefill is never split (measured: SmolLM2, 128 chat rows).
+            kwargs["enable_chunked_prefill"] = False
         kwargs.update(self.llm_kwargs)
         had_group = torch.distributed.is_available() and torch.distributed.is_initialized()
         with _contained(), _launcher_env(device, rank, world_size):

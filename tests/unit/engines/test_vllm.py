@@ -253,3 +253,16 @@ def test_the_standin_does_not_shadow_real_vllm():
 
     assert not vllm.__version__.endswith("+standin")
     assert "vllm_standin" not in (vllm.__file__ or "")
+
+
+def test_many_long_seeded_prompts_in_one_call(tied):
+    """More prompt tokens in one call than vLLM schedules in a step: with chunked prefill a split
+    prefill makes vLLM rewind that request's seeded generator, which a CPU generator cannot do
+    ("CPU Generator does not use offset"); on CPU the engine never splits a prefill."""
+    model, tok, eng, *_ = tied
+    _fresh(model, eng)
+    ctxs = [encode_prompt(tok, f"{i:03d} + {i * 7 % 1000:03d} = " * 4)[:56] for i in range(160)]
+    outs = eng.generate(ctxs, [1] * len(ctxs), SamplingParams(1.0, 1.0, 4))
+    assert [len(rs) for rs in outs] == [1] * len(ctxs)
+    c, r = ctxs[0], outs[0][0]
+    assert teacher_forced(model, c, r.token_ids, 1.0).sub(torch.tensor(r.logprobs)).abs().max() < 5e-4
