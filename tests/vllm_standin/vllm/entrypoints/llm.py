@@ -37,6 +37,7 @@ _ENGINE_ARGS = {
     "max_model_len",
     "max_num_seqs",
     "max_num_batched_tokens",
+    "enable_chunked_prefill",
     "enable_sleep_mode",
     "enforce_eager",
     "kv_cache_memory_bytes",
