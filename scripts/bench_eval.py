@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=5, help="alternating blocks per side")
     ap.add_argument("--model", default="embedded:tiny")
+    ap.add_argument("--slice", type=int, default=256, help="items per evaluation call of the new side (today's: 256)")
     args = ap.parse_args()
     torch.set_num_threads(1)
 
@@ -78,8 +79,9 @@ def main() -> None:
         engine.generate, reward.score = timed_gen, timed_score
         ev = Evaluator(EvalConfig(samples=args.samples))
         t0 = time.perf_counter()
-        for s in range(0, len(held), 256):  # the module's slices (val_dataloader's batch size)
-            ev.run(held[s : s + 256], ctxs[s : s + 256], engine, reward, params)
+        step = 256 if name == "today" else args.slice  # the module's slices (val_dataloader's batch size)
+        for s in range(0, len(held), step):
+            ev.run(held[s : s + step], ctxs[s : s + step], engine, reward, params)
         res = ev.results()
         spent["total"] = time.perf_counter() - t0
         del engine.generate, reward.score

@@ -125,6 +125,7 @@ def run_ours(args: argparse.Namespace, phases: Phases, n_steps: int, seed: int) 
             "--model.micro_batch_rows", "512",
             "--model.skip_zero_advantage", "false",
             "--model.shared_prompt", str(args.shared_prompt).lower(),
+            "--model.minibatch_split", args.minibatch_split,
             "--model.old_logprobs", args.old_logprobs,
             *(["--model.reward", "bench_vs_trl:coin"] if args.reward == "coin" else []),
             "--model.loss.kl_coef", "0.0",
@@ -295,6 +296,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps at the start of each block")
     ap.add_argument("--shared-prompt", type=lambda v: v.lower() in ("1", "true", "yes"), default=True)
     ap.add_argument(
+        "--minibatch-split", default="group", choices=["group", "row"], help="our side's model.minibatch_split"
+    )
+    ap.add_argument(
         "--old-logprobs", default="recompute", choices=["recompute", "sampling"], help="our side's model.old_logprobs"
     )
     ap.add_argument("--reward", default="verifier", choices=["verifier", "coin"], help="both sides' reward (see coin)")
@@ -323,7 +327,7 @@ def main() -> None:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
         f"{args.model}: {args.prompts} prompts x G={args.group}, {args.new_tokens} new tokens, {args.minibatches} updates per generation batch, "
-        f"reward {args.reward}, shared_prompt={args.shared_prompt}, old_logprobs={args.old_logprobs}, 1 thread; {len(ours.steps)} / {len(trl.steps)} timed steps "
+        f"reward {args.reward}, shared_prompt={args.shared_prompt}, minibatch_split={args.minibatch_split}, old_logprobs={args.old_logprobs}, 1 thread; {len(ours.steps)} / {len(trl.steps)} timed steps "
         f"over {args.rounds} interleaved rounds; load average {load:.1f}"
     )
     print(f"{'phase (median ms)':<20}{'curate-rl':>11}{'share':>7}{'TRL':>11}{'share':>7}{'ratio':>8}")

@@ -67,6 +67,10 @@ class PolicyModule(L.LightningModule):
             (AdamW, lr 1e-4, betas 0.9/0.98, no weight decay). Set keys are merged into it.
         ppo_epochs: passes over each generation batch (old log-probs are kept, so ratios are real).
         num_minibatches: optimizer steps per epoch.
+        minibatch_split: how a generation batch is cut into those mini-batches: ``group`` (whole
+            groups per mini-batch, shuffled by group: each update
+            sees every rollout of its prompts and forwards each prompt's context once) or ``row``
+            (single rollouts shuffled, as TRL and OpenRLHF). Both give every row once per epoch.
         micro_batch_rows: rows per forward/backward (gradient accumulation, exact aggregation).
         grad_clip: max gradient norm (0 disables).
         shared_prompt: forward each group's shared context once per micro-batch and the group's
@@ -102,6 +106,7 @@ class PolicyModule(L.LightningModule):
         optimizer: OptimizerCallable | None = DEFAULT_OPTIMIZER,  # a spec; the CLI passes a callable
         ppo_epochs: int = 1,
         num_minibatches: int = 2,
+        minibatch_split: str = "group",
         micro_batch_rows: int = 512,
         grad_clip: float = 1.0,
         skip_zero_advantage: bool = True,
@@ -124,6 +129,8 @@ class PolicyModule(L.LightningModule):
         ):
             if val < 1:
                 raise ConfigError(name, f"must be >= 1, got {val}")
+        if minibatch_split not in ("group", "row"):
+            raise ConfigError("model.minibatch_split", f"must be group or row, got {minibatch_split!r}")
         if old_logprobs not in ("recompute", "sampling"):
             raise ConfigError("model.old_logprobs", f"must be recompute or sampling, got {old_logprobs!r}")
         if old_logprobs == "sampling" and not (engine.exact_logprobs and sampling.top_p == 1.0 and sampling.temperature > 0):
@@ -152,7 +159,13 @@ class PolicyModule(L.LightningModule):
             self.ref_policy = copy.deepcopy(self.policy).eval().requires_grad_(False)
         self.old_logprobs = old_logprobs
         self.updater = Updater(
-            loss, ppo_epochs, num_minibatches, micro_batch_rows, skip_zero_advantage, old_logprobs == "sampling"
+            loss,
+            ppo_epochs,
+            num_minibatches,
+            micro_batch_rows,
+            skip_zero_advantage,
+            old_logprobs == "sampling",
+            minibatch_split,
         )
         self.engine.bind(self.policy, self.tokenizer)
         # Per-prompt outcome history (for never-solved fraction), cumulative budget: checkpointed.

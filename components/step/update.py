@@ -57,17 +57,40 @@ class OptimizerHooks:
     sharded: bool = False
 
 
-def minibatch_schedule(n: int, ppo_epochs: int, num_minibatches: int) -> list[torch.Tensor]:
+def minibatch_schedule(n: int, ppo_epochs: int, num_minibatches: int, group: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Row indices of every optimizer update of one generation batch, in order.
 
     ``ppo_epochs`` passes, each a fresh shuffle split into ``num_minibatches`` near-equal parts
     (empty parts dropped). With one epoch and one mini-batch the rows stay in order.
+
+    With ``group`` (each row's group index) the shuffle is over whole groups, cut where the rows'
+    running count is nearest ``k * n / num_minibatches``: each update sees every rollout of its
+    groups, side by side, and forwards each group's shared context once (``shared_prompt``)
+    instead of once per row. With fewer groups than
+    mini-batches the rows are split instead, so that the number of updates does not change.
     """
     reuse = ppo_epochs > 1 or num_minibatches > 1
     out: list[torch.Tensor] = []
+    n_groups = int(group.max()) + 1 if group is not None and n else 0
+    by_group = group is not None and reuse and n_groups >= num_minibatches
+    if by_group:
+        order = torch.argsort(group.cpu(), stable=True)
+        sizes = torch.bincount(group.cpu(), minlength=n_groups)
+        members = list(order.split(sizes.tolist()))
     for _epoch in range(ppo_epochs):
-        perm = torch.randperm(n) if reuse else torch.arange(n)
-        out += [mb for mb in perm.tensor_split(num_minibatches) if len(mb)]
+        if not by_group:
+            perm = torch.randperm(n) if reuse else torch.arange(n)
+            out += [mb for mb in perm.tensor_split(num_minibatches) if len(mb)]
+            continue
+        gperm = torch.randperm(n_groups)
+        ends = torch.cumsum(sizes[gperm], 0).double()
+        # The k-th cut falls after the group whose running row count is nearest k * n / parts.
+        targets = torch.arange(1, num_minibatches, dtype=torch.double) * n / num_minibatches
+        cuts = ((ends.unsqueeze(0) - targets.unsqueeze(1)).abs().argmin(1) + 1).tolist()
+        bounds = [0, *cuts, n_groups]
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            if b > a:
+                out.append(torch.cat([members[g] for g in gperm[a:b].tolist()]))
     return out
 
 
@@ -97,6 +120,9 @@ class Updater:
     per batch, old log-probs are recorded once per generation batch before the policy moves: the
     first update's rows from that update's own forward, every other row by one no-grad pass.
 
+    ``minibatch_split``: ``group`` (default) makes each mini-batch whole groups (see
+    :func:`minibatch_schedule`), ``row`` shuffles single rollouts into mini-batches.
+
     Rows whose advantage is zero on every token have exactly zero policy-loss gradient, so when
     there is no KL or entropy term (which would give them one) they are left out of the
     forward/backward pass (``skip_zero_advantage``), while still counting in the denominators: the
@@ -122,11 +148,13 @@ class Updater:
         micro_batch_rows: int = 512,
         skip_zero_advantage: bool = True,
         old_from_sampling: bool = False,
+        minibatch_split: str = "group",
     ) -> None:
         self.loss_cfg, self.policy_loss = loss_cfg, get_policy_loss(loss_cfg.name)
         self.ppo_epochs, self.num_minibatches, self.micro_batch_rows = ppo_epochs, num_minibatches, micro_batch_rows
         self.skip_zero_advantage = skip_zero_advantage
         self.old_from_sampling = old_from_sampling
+        self.minibatch_split = minibatch_split
 
     @property
     def reuses_batch(self) -> bool:
@@ -147,7 +175,9 @@ class Updater:
         skip = self.skip_zero_advantage and lc.kl_coef == 0 and lc.entropy_coef == 0 and not optim.sharded
         runs = (batch.advantages != 0).any(-1).cpu() if skip else torch.ones(n, dtype=torch.bool)
         gap = _GapStats()
-        minibatches = minibatch_schedule(n, self.ppo_epochs, self.num_minibatches)
+        minibatches = minibatch_schedule(
+            n, self.ppo_epochs, self.num_minibatches, batch.group if self.minibatch_split == "group" else None
+        )
         fill_old = None
         if self.reuses_batch:
             # The first update forwards its rows before the policy has moved: their log-probs there

@@ -84,6 +84,24 @@ def test_minibatch_schedule_covers_every_row_once_per_epoch():
     assert len(minibatch_schedule(2, 1, 4)) == 2  # empty parts are dropped
 
 
+def test_minibatch_schedule_by_group_keeps_groups_whole_and_balances_rows():
+    torch.manual_seed(0)
+    group = torch.repeat_interleave(torch.arange(5), torch.tensor([3, 8, 1, 4, 8]))  # ragged, by index
+    mbs = minibatch_schedule(len(group), ppo_epochs=2, num_minibatches=2, group=group)
+    assert len(mbs) == 4
+    for epoch in (mbs[:2], mbs[2:]):
+        assert sorted(torch.cat(epoch).tolist()) == list(range(len(group)))
+        for mb in epoch:  # every group in a mini-batch has all its rollouts there
+            for g in group[mb].unique():
+                assert int((group[mb] == g).sum()) == int((group == g).sum())
+    even = minibatch_schedule(128, 1, 4, torch.repeat_interleave(torch.arange(16), 8))
+    assert [len(mb) for mb in even] == [32] * 4  # equal groups: equal mini-batches
+    # Fewer groups than mini-batches: rows are split, so the number of updates stays the same.
+    assert len(minibatch_schedule(8, 1, 4, torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]))) == 4
+    # One update per batch: rows in order, as without groups.
+    assert torch.equal(torch.cat(minibatch_schedule(5, 1, 1, torch.tensor([1, 1, 0, 0, 0]))), torch.arange(5))
+
+
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
