@@ -83,14 +83,17 @@ def minibatch_schedule(n: int, ppo_epochs: int, num_minibatches: int, group: tor
             out += [mb for mb in perm.tensor_split(num_minibatches) if len(mb)]
             continue
         gperm = torch.randperm(n_groups)
-        ends = torch.cumsum(sizes[gperm], 0).double()
-        # The k-th cut falls after the group whose running row count is nearest k * n / parts.
-        targets = torch.arange(1, num_minibatches, dtype=torch.double) * n / num_minibatches
-        cuts = ((ends.unsqueeze(0) - targets.unsqueeze(1)).abs().argmin(1) + 1).tolist()
-        bounds = [0, *cuts, n_groups]
+        ends = torch.cumsum(sizes[gperm], 0).double()  # ends[i]: rows up to and including group i
+        # The k-th cut falls after the group whose running row count is nearest k * n / parts,
+        # among the cuts that leave every part at least one group: always num_minibatches updates,
+        # which FSDP needs (every rank runs as many forwards as the others).
+        bounds = [0]
+        for k in range(1, num_minibatches):
+            lo, hi = bounds[-1] + 1, n_groups - (num_minibatches - k)
+            bounds.append(lo + int((ends[lo - 1 : hi] - k * n / num_minibatches).abs().argmin()))
+        bounds.append(n_groups)
         for a, b in zip(bounds[:-1], bounds[1:]):
-            if b > a:
-                out.append(torch.cat([members[g] for g in gperm[a:b].tolist()]))
+            out.append(torch.cat([members[g] for g in gperm[a:b].tolist()]))
     return out
 
 

@@ -96,6 +96,12 @@ def test_minibatch_schedule_by_group_keeps_groups_whole_and_balances_rows():
                 assert int((group[mb] == g).sum()) == int((group == g).sum())
     even = minibatch_schedule(128, 1, 4, torch.repeat_interleave(torch.arange(16), 8))
     assert [len(mb) for mb in even] == [32] * 4  # equal groups: equal mini-batches
+    # One group larger than a share: still one update per mini-batch, none empty (FSDP's ranks must
+    # run as many updates as each other).
+    lopsided = torch.repeat_interleave(torch.arange(5), torch.tensor([1, 1, 20, 1, 1]))
+    for _ in range(20):
+        parts = minibatch_schedule(24, 1, 4, lopsided)
+        assert len(parts) == 4 and all(len(p) for p in parts)
     # Fewer groups than mini-batches: rows are split, so the number of updates stays the same.
     assert len(minibatch_schedule(8, 1, 4, torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]))) == 4
     # One update per batch: rows in order, as without groups.
