@@ -52,6 +52,12 @@ class SamplingParams:
             raise ConfigError(f"{field}.stop", f"must be a list of non-empty strings, got {self.stop!r}")
 
 
+def data_parallel_rank() -> int:
+    """This process's rank among the data-parallel ranks (0 without torch.distributed)."""
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """Every end-of-sequence id the model declares: its generation_config, its config and the
     tokenizer (chat models stop on a list, e.g. ``<|im_end|>`` and ``<|endoftext|>``)."""

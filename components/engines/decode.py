@@ -13,7 +13,8 @@ rollouts share it. Here:
   from an integer hash (:func:`row_uniforms`), turned into a token by inverse-CDF sampling from
   ``softmax(scores)``. That is exactly a draw from the same distribution as ``torch.multinomial``,
   and the recorded log-prob is the chosen token's ``log_softmax(scores)``; a row's tokens depend
-  only on its key and the model, not on which rows share its batch.
+  only on its key and the model, not on which rows share its batch (to float rounding: another batch
+  shape can round the logits differently, and a uniform that falls on a token boundary can flip).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from transformers import StopStringCriteria
 
-from components.engines.base import PolicyWeightsEngine, SamplingParams
+from components.engines.base import PolicyWeightsEngine, SamplingParams, data_parallel_rank
 from components.engines.decode import decode, derive_keys
 from components.engines.hf_generate import HFGenerateEngine
 from components.types import Rollout
@@ -32,7 +32,8 @@ class HFEngine(PolicyWeightsEngine):
     (one per context) that key is derived from ``(keys[i], j)``, so the rollouts depend on nothing
     else (not on the other contexts of the call, their order or the batch size): evaluation uses
     this. Without, every row's key is drawn from torch's global generator (one draw per row per
-    call), so a run seeded and resumed with its RNG state samples the same rollouts.
+    call), so a run seeded and resumed with its RNG state samples the same rollouts; on
+    data-parallel rank r > 0 those keys are mixed with r (every rank's generator is seeded alike).
 
     Under FSDP over two or more ranks every forward is a collective, so every rank must run as many
     forwards as the others, while this loop stops when its own rows end. There the engine samples
@@ -92,6 +93,9 @@ class HFEngine(PolicyWeightsEngine):
         total = int(counts.sum())
         if keys is None:  # one key per row from the global generator, in row order
             row_keys = torch.randint(*_INT64, (total,), dtype=torch.long)
+            rank = data_parallel_rank()
+            if rank:  # every rank's generator is seeded alike: rank r > 0 mixes r into its keys
+                row_keys = derive_keys(row_keys, torch.full_like(row_keys, rank))
         else:
             ctx_of_row = torch.repeat_interleave(torch.arange(len(contexts)), counts)
             sample = torch.arange(total) - (torch.cumsum(counts, 0) - counts)[ctx_of_row]

@@ -27,7 +27,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from components.engines.base import PolicyWeightsEngine, SamplingParams
+from components.engines.base import PolicyWeightsEngine, SamplingParams, data_parallel_rank
 from components.types import Rollout
 
 
@@ -91,12 +91,33 @@ class _FirstStop(StoppingCriteria):
         self.stop_at: torch.Tensor | None = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        done = self.inner(input_ids, scores, **kwargs)
+        # Only the generated part: a stop string is matched in what the model wrote, never across
+        # the end of the context (as the decode loop and vLLM match it).
+        done = self.inner(input_ids[:, self.context_width :], scores, **kwargs)
         if self.stop_at is None:
             self.stop_at = torch.full((input_ids.shape[0],), -1, dtype=torch.long, device=input_ids.device)
         newly = done & (self.stop_at < 0)
         self.stop_at[newly] = input_ids.shape[1] - self.context_width
         return done
+
+
+@contextlib.contextmanager
+def _rank_stream() -> Iterator[None]:
+    """Sampling on data-parallel rank r > 0 draws from a stream of its own.
+
+    Every rank's global generator is seeded alike (``seed_everything``), so without this rank 1
+    would sample with rank 0's uniforms. Rank 0 samples from the global generator as a single device
+    does; rank r draws one seed from it and samples, inside a forked generator, from that seed
+    mixed with r (reproducible from the checkpointed global state, like rank 0's draws)."""
+    rank = data_parallel_rank()
+    if rank == 0:
+        yield
+        return
+    seed = int(torch.randint(0, 2**62, ()))
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed((seed + rank * 0x9E3779B97F4A7C15) % 2**63)
+        yield
 
 
 @contextlib.contextmanager
@@ -169,43 +190,44 @@ class HFGenerateEngine(PolicyWeightsEngine):
         was_training = self.model.training
         self.model.eval()
         try:
-            for start in range(0, len(rows), self.max_batch_rows):
-                chunk = rows[start : start + self.max_batch_rows]
-                ids, mask = _left_pad([contexts[ci] for ci in chunk], hf_cfg.pad_token_id)
-                ids, mask = ids.to(self.model.device), mask.to(self.model.device)
-                recorder = _SampleLogprobs(params.temperature, params.top_p)
-                stops = StoppingCriteriaList()
-                first_stop = None
-                if params.stop:
-                    first_stop = _FirstStop(StopStringCriteria(tok, params.stop), ids.shape[1])
-                    stops.append(first_stop)
-                with _no_model_generation_defaults(self.model):
-                    seqs = self.model.generate(
-                        input_ids=ids,
-                        attention_mask=mask,
-                        generation_config=hf_cfg,
-                        logits_processor=LogitsProcessorList([recorder]),
-                        stopping_criteria=stops,
-                    )
-                new = seqs[:, ids.shape[1] :]
-                lps = recorder.finish(new).cpu()
-                new = new.cpu()
-                steps = new.shape[1]
-                # Length of each rollout: up to and including the first EOS or stop-string token.
-                is_eos = torch.isin(new, eos)
-                first_eos = torch.where(is_eos.any(1), is_eos.float().argmax(1) + 1, steps + 1)
-                stop_len = torch.full_like(first_eos, steps + 1)
-                if first_stop is not None and first_stop.stop_at is not None:
-                    at = first_stop.stop_at.cpu()
-                    stop_len = torch.where(at > 0, at, stop_len)
-                length = torch.minimum(torch.minimum(first_eos, stop_len), torch.full_like(first_eos, steps))
-                for r, ci in enumerate(chunk):
-                    n = int(length[r])
-                    toks = new[r, :n].tolist()
-                    ended_eos = int(first_eos[r]) <= n
-                    finished = ended_eos or int(stop_len[r]) <= n
-                    text = tok.decode(toks[:-1] if ended_eos else toks, skip_special_tokens=True)
-                    out[ci].append(Rollout(toks, lps[r, :n].tolist(), text, finished))
+            with _rank_stream():  # rank r > 0: a stream of its own
+                for start in range(0, len(rows), self.max_batch_rows):
+                    chunk = rows[start : start + self.max_batch_rows]
+                    ids, mask = _left_pad([contexts[ci] for ci in chunk], hf_cfg.pad_token_id)
+                    ids, mask = ids.to(self.model.device), mask.to(self.model.device)
+                    recorder = _SampleLogprobs(params.temperature, params.top_p)
+                    stops = StoppingCriteriaList()
+                    first_stop = None
+                    if params.stop:
+                        first_stop = _FirstStop(StopStringCriteria(tok, params.stop), ids.shape[1])
+                        stops.append(first_stop)
+                    with _no_model_generation_defaults(self.model):
+                        seqs = self.model.generate(
+                            input_ids=ids,
+                            attention_mask=mask,
+                            generation_config=hf_cfg,
+                            logits_processor=LogitsProcessorList([recorder]),
+                            stopping_criteria=stops,
+                        )
+                    new = seqs[:, ids.shape[1] :]
+                    lps = recorder.finish(new).cpu()
+                    new = new.cpu()
+                    steps = new.shape[1]
+                    # Length of each rollout: up to and including the first EOS or stop-string token.
+                    is_eos = torch.isin(new, eos)
+                    first_eos = torch.where(is_eos.any(1), is_eos.float().argmax(1) + 1, steps + 1)
+                    stop_len = torch.full_like(first_eos, steps + 1)
+                    if first_stop is not None and first_stop.stop_at is not None:
+                        at = first_stop.stop_at.cpu()
+                        stop_len = torch.where(at > 0, at, stop_len)
+                    length = torch.minimum(torch.minimum(first_eos, stop_len), torch.full_like(first_eos, steps))
+                    for r, ci in enumerate(chunk):
+                        n = int(length[r])
+                        toks = new[r, :n].tolist()
+                        ended_eos = int(first_eos[r]) <= n
+                        finished = ended_eos or int(stop_len[r]) <= n
+                        text = tok.decode(toks[:-1] if ended_eos else toks, skip_special_tokens=True)
+                        out[ci].append(Rollout(toks, lps[r, :n].tolist(), text, finished))
         finally:
             self.model.train(was_training)
         return out

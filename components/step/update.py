@@ -67,10 +67,13 @@ def minibatch_schedule(n: int, ppo_epochs: int, num_minibatches: int, group: tor
     running count is nearest ``k * n / num_minibatches``: each update sees every rollout of its
     groups, side by side, and forwards each group's shared context once (``shared_prompt``)
     instead of once per row. With fewer groups than
-    mini-batches the rows are split instead, so that the number of updates does not change.
+    mini-batches the rows are split instead, so that the number of updates does not change (it is
+    ``num_minibatches`` whenever there are at least that many rows).
     """
     reuse = ppo_epochs > 1 or num_minibatches > 1
     out: list[torch.Tensor] = []
+    if group is not None and n:
+        group = torch.unique(group.cpu(), return_inverse=True)[1]  # ids 0..G-1 whatever ids were given
     n_groups = int(group.max()) + 1 if group is not None and n else 0
     by_group = group is not None and reuse and n_groups >= num_minibatches
     if by_group:
@@ -178,9 +181,10 @@ class Updater:
         skip = self.skip_zero_advantage and lc.kl_coef == 0 and lc.entropy_coef == 0 and not optim.sharded
         runs = (batch.advantages != 0).any(-1).cpu() if skip else torch.ones(n, dtype=torch.bool)
         gap = _GapStats()
-        minibatches = minibatch_schedule(
-            n, self.ppo_epochs, self.num_minibatches, batch.group if self.minibatch_split == "group" else None
-        )
+        # Under FSDP the rows are split, not the groups: equal row counts then give every rank the
+        # same mini-batch sizes, hence the same number of micro-batch forwards (collectives).
+        by_group = self.minibatch_split == "group" and not optim.sharded
+        minibatches = minibatch_schedule(n, self.ppo_epochs, self.num_minibatches, batch.group if by_group else None)
         fill_old = None
         if self.reuses_batch:
             # The first update forwards its rows before the policy has moved: their log-probs there

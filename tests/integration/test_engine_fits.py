@@ -65,6 +65,38 @@ def test_hf_engine_trains_on_a_model_with_a_nasty_generation_config(tmp_path, mo
     assert len(gaps) >= 2 and max(gaps) < 1e-4
 
 
+def test_evaluation_at_start_leaves_training_draws_alone(tmp_path, monkeypatch):
+    """An engine without per-item keys (transformers' generate: the HF engine's path under FSDP;
+    vLLM alike) samples evaluation from torch's global generator: the step-0 evaluation must not
+    change the rollouts training then draws."""
+    from components.cli import build_cli
+    from components.engines.hf_generate import HFGenerateEngine
+
+    seen: list[list[list[int]]] = []
+    original = HFGenerateEngine.generate
+
+    def recorded(self, contexts, n_each, params, **kw):
+        outs = original(self, contexts, n_each, params, **kw)
+        if set(n_each) == {4}:  # training's groups (evaluation asks 1 sample per item)
+            seen.append([r.token_ids for rs in outs for r in rs])
+        return outs
+
+    monkeypatch.setattr(HFGenerateEngine, "generate", recorded)
+    runs = []
+    for at_start in ("true", "false"):
+        seen.clear()
+        (tmp_path / at_start).mkdir()
+        monkeypatch.chdir(tmp_path / at_start)
+        build_cli(
+            ["fit", "--config", str(ROOT / "recipes" / "grpo.yaml"), "--model.engine", "components.engines.hf_generate.HFGenerateEngine",
+             "--trainer.max_steps", "2", "--trainer.logger", "false", "--data.train_size", "40", "--data.heldout_size", "8",
+             "--data.batch_size", "4", "--model.sampler.group_size", "4", "--model.eval.samples", "1",
+             "--model.eval.at_start", at_start, "--model.log_completions_every_n_steps", "0", "--model.export_dir", "null"]
+        )  # fmt: skip
+        runs.append(list(seen))
+    assert len(runs[0]) == 2 and runs[0] == runs[1]
+
+
 @pytest.mark.slow
 def test_generate_memory_does_not_grow_with_steps_times_vocab():
     """One generate of 8 rows x 256 new tokens over a 32k vocabulary: keeping every step's scores

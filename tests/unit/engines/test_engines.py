@@ -78,17 +78,43 @@ def test_stop_strings_end_a_rollout(engine):
         assert teacher_forced(model, ctx, r.token_ids, 1.0).sub(torch.tensor(r.logprobs)).abs().max() < 1e-4
 
 
-def test_stop_string_is_matched_in_the_generated_text_only():
+@pytest.mark.parametrize("engine", [HFEngine, HFGenerateEngine])
+def test_stop_string_is_matched_in_the_generated_text_only(engine):
     """A context ending in '=' and the stop string '= ': a stop is only what the model wrote (as
-    vLLM matches it), so a rollout starting with ' ' does not end on it."""
+    vLLM matches it), so a rollout starting with ' ' does not end on it. Both HF engines: the
+    generate one is what the HF engine samples through under FSDP."""
     model, tok = load_policy("embedded:tiny")
-    eng = HFEngine()
+    eng = engine()
     eng.bind(model, tok)
     ctx = encode_prompt(tok, "12 + 30 =")
     torch.manual_seed(0)
     rs = eng.generate([ctx], [8], SamplingParams(1.0, 1.0, 8, stop=["= "]))[0]
     assert all("= " in r.text or not r.finished or r.token_ids[-1] in eng.eos_ids for r in rs)
     assert any(len(r.token_ids) > 1 for r in rs)
+
+
+@pytest.mark.parametrize("engine", [HFEngine, HFGenerateEngine])
+def test_data_parallel_ranks_sample_from_streams_of_their_own(monkeypatch, engine):
+    """Every rank's global generator is seeded alike: rank 1 must not reuse rank 0's draws, and
+    rank 0 samples as a single device does."""
+    import components.engines.hf as hf
+    import components.engines.hf_generate as hf_generate
+
+    model, tok = load_policy("embedded:tiny")
+    eng = engine()
+    eng.bind(model, tok)
+    ctx = encode_prompt(tok, "12 + 30 =")
+
+    def draw(rank: int) -> list[list[int]]:
+        if rank >= 0:  # what data_parallel_rank() reads from torch.distributed on that rank
+            for mod in (hf, hf_generate):
+                monkeypatch.setattr(mod, "data_parallel_rank", lambda: rank)
+        torch.manual_seed(0)
+        return [r.token_ids for r in eng.generate([ctx], [32], SamplingParams(1.0, 1.0, 8))[0]]
+
+    single, rank0, rank1 = draw(-1), draw(0), draw(1)
+    assert rank0 == single
+    assert rank1 != rank0
 
 
 def test_lockstep_engine_only_under_sharded_ranks():

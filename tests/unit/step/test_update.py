@@ -102,6 +102,9 @@ def test_minibatch_schedule_by_group_keeps_groups_whole_and_balances_rows():
     for _ in range(20):
         parts = minibatch_schedule(24, 1, 4, lopsided)
         assert len(parts) == 4 and all(len(p) for p in parts)
+    # Group ids need not be 0..G-1 (a group left with no rollouts leaves a gap): no update is empty.
+    gappy = minibatch_schedule(4, 1, 2, torch.tensor([0, 0, 0, 3]))
+    assert len(gappy) == 2 and all(len(p) for p in gappy)
     # Fewer groups than mini-batches: rows are split, so the number of updates stays the same.
     assert len(minibatch_schedule(8, 1, 4, torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]))) == 4
     # One update per batch: rows in order, as without groups.
