@@ -65,7 +65,7 @@ def _model_source(name: str, tmp: str) -> str | None:
 def _time_generate(engine, contexts, n, params, repeats: int) -> tuple[float, int]:
     """Best tokens/s over ``repeats`` generate calls (after one untimed warm-up call), and the
     tokens of one call."""
-    engine.generate(contexts[:2], [2, 2], params)
+    engine.generate(contexts[:2], [2] * len(contexts[:2]), params)
     best, tokens = 0.0, 0
     for _ in range(repeats):
         t0 = time.perf_counter()

@@ -132,8 +132,9 @@ def main() -> None:
         start = curve[0][1]
         cols = []
         for b in budgets:
-            upto = [(v, s) for s, v in curve if s <= b]
-            best, at = max(upto)
+            upto = [(v, -s) for s, v in curve if s <= b]
+            best, neg_at = max(upto)  # the first step that reached the best value
+            at = -neg_at
             cols.append(f"{best:.3f}      ({at:4d}) {best - start:+.3f}     ")
         print(f"{_point_name(*g):22s}{start:.3f} " + " ".join(cols) + f" {curve[-1][1]:.3f}")
 
