@@ -14,7 +14,9 @@ token is expected: the rollouts are then not exactly on-policy for the loss.
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -56,6 +58,26 @@ def data_parallel_rank() -> int:
     """This process's rank among the data-parallel ranks (0 without torch.distributed)."""
     dist = torch.distributed
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+@contextlib.contextmanager
+def rank_stream() -> Iterator[None]:
+    """Random draws on data-parallel rank r > 0 come from a stream of its own (the HF engines'
+    sampling).
+
+    Every rank's global generator is seeded alike (``seed_everything``), so without this rank 1
+    would sample with rank 0's uniforms. Rank 0 samples from the global generator as a single device
+    does; rank r draws one seed from it and samples, inside a forked generator, from that seed
+    mixed with r (reproducible from the checkpointed global state, like rank 0's draws)."""
+    rank = data_parallel_rank()
+    if rank == 0:
+        yield
+        return
+    seed = int(torch.randint(0, 2**62, ()))
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed((seed + rank * 0x9E3779B97F4A7C15) % 2**63)
+        yield
 
 
 def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from transformers import StopStringCriteria
 
-from components.engines.base import PolicyWeightsEngine, SamplingParams, data_parallel_rank
+from components.engines.base import PolicyWeightsEngine, SamplingParams, rank_stream
 from components.engines.decode import decode, derive_keys
 from components.engines.hf_generate import HFGenerateEngine
 from components.types import Rollout
@@ -33,7 +33,7 @@ class HFEngine(PolicyWeightsEngine):
     else (not on the other contexts of the call, their order or the batch size): evaluation uses
     this. Without, every row's key is drawn from torch's global generator (one draw per row per
     call), so a run seeded and resumed with its RNG state samples the same rollouts; on
-    data-parallel rank r > 0 those keys are mixed with r (every rank's generator is seeded alike).
+    data-parallel rank r > 0 they come from a stream of that rank's own (:func:`rank_stream`).
 
     Under FSDP over two or more ranks every forward is a collective, so every rank must run as many
     forwards as the others, while this loop stops when its own rows end. There the engine samples
@@ -92,10 +92,8 @@ class HFEngine(PolicyWeightsEngine):
         counts = torch.tensor(n_each, dtype=torch.long)
         total = int(counts.sum())
         if keys is None:  # one key per row from the global generator, in row order
-            row_keys = torch.randint(*_INT64, (total,), dtype=torch.long)
-            rank = data_parallel_rank()
-            if rank:  # every rank's generator is seeded alike: rank r > 0 mixes r into its keys
-                row_keys = derive_keys(row_keys, torch.full_like(row_keys, rank))
+            with rank_stream():  # every rank's generator is seeded alike: rank r > 0 draws its own
+                row_keys = torch.randint(*_INT64, (total,), dtype=torch.long)
         else:
             ctx_of_row = torch.repeat_interleave(torch.arange(len(contexts)), counts)
             sample = torch.arange(total) - (torch.cumsum(counts, 0) - counts)[ctx_of_row]

@@ -27,7 +27,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from components.engines.base import PolicyWeightsEngine, SamplingParams, data_parallel_rank
+from components.engines.base import PolicyWeightsEngine, SamplingParams, rank_stream
 from components.types import Rollout
 
 
@@ -102,25 +102,6 @@ class _FirstStop(StoppingCriteria):
 
 
 @contextlib.contextmanager
-def _rank_stream() -> Iterator[None]:
-    """Sampling on data-parallel rank r > 0 draws from a stream of its own.
-
-    Every rank's global generator is seeded alike (``seed_everything``), so without this rank 1
-    would sample with rank 0's uniforms. Rank 0 samples from the global generator as a single device
-    does; rank r draws one seed from it and samples, inside a forked generator, from that seed
-    mixed with r (reproducible from the checkpointed global state, like rank 0's draws)."""
-    rank = data_parallel_rank()
-    if rank == 0:
-        yield
-        return
-    seed = int(torch.randint(0, 2**62, ()))
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed((seed + rank * 0x9E3779B97F4A7C15) % 2**63)
-        yield
-
-
-@contextlib.contextmanager
 def _no_model_generation_defaults(model: PreTrainedModel) -> Iterator[None]:
     """transformers fills every generation field left unset (None) from the model's own
     generation_config.json (e.g. Qwen's repetition_penalty 1.05, top_k 20, top_p 0.8). Fields whose
@@ -190,7 +171,7 @@ class HFGenerateEngine(PolicyWeightsEngine):
         was_training = self.model.training
         self.model.eval()
         try:
-            with _rank_stream():  # rank r > 0: a stream of its own
+            with rank_stream():  # rank r > 0: a stream of its own
                 for start in range(0, len(rows), self.max_batch_rows):
                     chunk = rows[start : start + self.max_batch_rows]
                     ids, mask = _left_pad([contexts[ci] for ci in chunk], hf_cfg.pad_token_id)

@@ -375,10 +375,15 @@ class PolicyModule(L.LightningModule):
         self.engine.sleep()
 
     def _evaluate_heldout_now(self, log_step: int) -> None:
-        """Evaluate the whole held-out set outside Lightning's validation loop; log it at ``log_step``."""
+        """Evaluate the whole held-out set outside Lightning's validation loop; log it at ``log_step``.
+
+        Training's random state is saved before and restored after: an engine that draws its seeds
+        from torch (vLLM, ``generate`` under FSDP) must not change the rollouts training draws next."""
         dm = self.trainer.datamodule
+        rng = rng_state()
         for start in range(0, len(dm.heldout), 256):
             self.evaluate(dm.heldout[start : start + 256])
+        set_rng_state(rng)
         res = self.evaluator.results()
         self.last_eval, self.last_eval_step = res, self.global_step
         for lg in self.loggers:
@@ -387,9 +392,7 @@ class PolicyModule(L.LightningModule):
     def on_train_start(self) -> None:
         self._start_engine()
         if self.eval_cfg.at_start and self.global_step == 0 and self.trainer.datamodule.heldout:
-            rng = rng_state()  # an engine that draws its seeds from torch (vLLM, FSDP) leaves training's alone
             self._evaluate_heldout_now(log_step=0)
-            set_rng_state(rng)
 
     def export_path(self) -> str | None:
         """The final policy's folder: ``export_dir`` with ``{run}`` replaced (rank 0 only)."""
@@ -404,10 +407,8 @@ class PolicyModule(L.LightningModule):
         # The last step is always evaluated (the interval may not end on it).
         dm = self.trainer.datamodule
         if dm is not None and dm.heldout and self.last_eval_step != self.global_step:
-            rng = rng_state()  # training's random state stays as the last step left it
             # logged where Lightning logs an evaluation after this step: MLflow step k-1 after step k
             self._evaluate_heldout_now(log_step=max(self.global_step - 1, 0))
-            set_rng_state(rng)
         if not self.export_dir:
             return
         state = None

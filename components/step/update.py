@@ -66,20 +66,18 @@ def minibatch_schedule(n: int, ppo_epochs: int, num_minibatches: int, group: tor
     With ``group`` (each row's group index) the shuffle is over whole groups, cut where the rows'
     running count is nearest ``k * n / num_minibatches``: each update sees every rollout of its
     groups, side by side, and forwards each group's shared context once (``shared_prompt``)
-    instead of once per row. With fewer groups than
-    mini-batches the rows are split instead, so that the number of updates does not change (it is
+    instead of once per row. With fewer groups than mini-batches the rows are split instead, so that the number of updates does not change (it is
     ``num_minibatches`` whenever there are at least that many rows).
     """
     reuse = ppo_epochs > 1 or num_minibatches > 1
     out: list[torch.Tensor] = []
-    if group is not None and n:
-        group = torch.unique(group.cpu(), return_inverse=True)[1]  # ids 0..G-1 whatever ids were given
-    n_groups = int(group.max()) + 1 if group is not None and n else 0
-    by_group = group is not None and reuse and n_groups >= num_minibatches
-    if by_group:
-        order = torch.argsort(group.cpu(), stable=True)
-        sizes = torch.bincount(group.cpu(), minlength=n_groups)
-        members = list(order.split(sizes.tolist()))
+    by_group = False
+    if group is not None and n and reuse:
+        # ids 0..G-1 whatever ids were given, and each group's rows
+        _, group, sizes = torch.unique(group.cpu(), return_inverse=True, return_counts=True)
+        n_groups = len(sizes)
+        by_group = n_groups >= num_minibatches
+        members = list(torch.argsort(group, stable=True).split(sizes.tolist()))
     for _epoch in range(ppo_epochs):
         if not by_group:
             perm = torch.randperm(n) if reuse else torch.arange(n)

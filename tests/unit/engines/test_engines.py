@@ -97,8 +97,7 @@ def test_stop_string_is_matched_in_the_generated_text_only(engine):
 def test_data_parallel_ranks_sample_from_streams_of_their_own(monkeypatch, engine):
     """Every rank's global generator is seeded alike: rank 1 must not reuse rank 0's draws, and
     rank 0 samples as a single device does."""
-    import components.engines.hf as hf
-    import components.engines.hf_generate as hf_generate
+    import components.engines.base as base
 
     model, tok = load_policy("embedded:tiny")
     eng = engine()
@@ -107,8 +106,7 @@ def test_data_parallel_ranks_sample_from_streams_of_their_own(monkeypatch, engin
 
     def draw(rank: int) -> list[list[int]]:
         if rank >= 0:  # what data_parallel_rank() reads from torch.distributed on that rank
-            for mod in (hf, hf_generate):
-                monkeypatch.setattr(mod, "data_parallel_rank", lambda: rank)
+            monkeypatch.setattr(base, "data_parallel_rank", lambda: rank)
         torch.manual_seed(0)
         return [r.token_ids for r in eng.generate([ctx], [32], SamplingParams(1.0, 1.0, 8))[0]]
 
